@@ -1,0 +1,76 @@
+"""The whole exception tree, sorted by what the caller must do.
+
+    StreamerError                     root: anything this package raises on purpose
+    +-- FatalError                    stop, exit non-zero, the message says what to fix
+    |   +-- ConfigError               bad or missing setting
+    |   +-- AuthError                 the feed (or SFTP server) refused the credentials
+    |   +-- FeedRequestError          a 4xx other than 429: the request itself is wrong
+    |   +-- TopicError                a topic is missing and cannot be made, or unsuitable
+    |   +-- FencedError               another instance took over our transactional id
+    +-- RetriableError                back off, leave the cursor where it is, try again
+        +-- FeedUnavailableError      connection trouble, timeout, 5xx, 429
+        +-- BadResponseError          a body that is not a feed response (HTML, truncated...)
+        +-- DeliveryError             Kafka did not confirm an event
+
+A single bad *row* is not an exception: it becomes a `records.Rejection`, goes to
+the dead-letter topic and is counted (the "skippable" class of errors).
+"""
+
+from __future__ import annotations
+
+
+class StreamerError(Exception):
+    """Root of every error cdr-streamer raises on purpose."""
+
+
+class FatalError(StreamerError):
+    """Retrying cannot help: stop and tell the operator what to fix."""
+
+
+class ConfigError(FatalError):
+    """A setting is missing or invalid."""
+
+
+class AuthError(FatalError):
+    """The provider refused the login or password."""
+
+
+class FeedRequestError(FatalError):
+    """The provider rejected the request itself (a 4xx other than 429)."""
+
+
+class TopicError(FatalError):
+    """A Kafka topic is missing and cannot be created, or exists but is unsuitable."""
+
+
+class FencedError(FatalError):
+    """Another instance with the same transactional id has fenced this one."""
+
+
+class RetriableError(StreamerError):
+    """A passing fault: back off and try again from the committed cursor."""
+
+
+class FeedUnavailableError(RetriableError):
+    """The feed could not be reached, timed out, or answered 5xx / 429."""
+
+    def __init__(
+        self, message: str, *, outcome: str = "connection_error", retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.outcome = (
+            outcome  # bounded metric label: connection_error, timeout, http_5xx, http_429
+        )
+        self.retry_after_s = retry_after_s
+
+
+class BadResponseError(RetriableError):
+    """The body is not a feed response: an HTML page, a login error text, a truncated body."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class DeliveryError(RetriableError):
+    """Kafka did not confirm delivery of an event (or a dead letter)."""

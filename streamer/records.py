@@ -1,0 +1,310 @@
+"""The typed CDR record, the rejected row, and row -> record validation.
+
+The provider documents 26 fields but not their text layout, so each parser here
+accepts every plausible layout of its type and rejects the rest with a stable
+reason code that downstream teams can count and alert on.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal, InvalidOperation
+
+# The documented order: used when a response has no header row.
+FIELDS: tuple[str, ...] = (
+    "ID",
+    "AccountCode",
+    "Direction",
+    "CallType",
+    "BillDate",
+    "Date",
+    "Time",
+    "UTCDateTime",
+    "UTCOffset",
+    "AParty",
+    "BParty",
+    "BillNumber",
+    "Seconds",
+    "NetworkSeconds",
+    "ConnectSeconds",
+    "Charge",
+    "ChargeExcl",
+    "FreeUnitsUsed",
+    "TextDesc1",
+    "TextDesc2",
+    "ReleaseCause",
+    "Status",
+    "ServiceType",
+    "BillingGroup",
+    "CallingGroup",
+    "Profile",
+)
+
+# Stable reason codes for rejected rows (the dead-letter topic and the metrics use them).
+REASONS: tuple[str, ...] = (
+    "wrong_field_count",  # a delimited row whose field count is not the header's / 26
+    "missing_field",  # a JSON object or header lacking a documented field
+    "bad_json",  # a JSON array element that is not an object
+    "bad_encoding",  # bytes that are not UTF-8
+    "bad_id",  # ID not a positive integer
+    "empty_account",  # AccountCode empty: there is no key to publish under
+    "bad_date",  # BillDate or Date not a date
+    "bad_time",  # Time not a time of day
+    "bad_datetime",  # UTCDateTime not a date and time
+    "bad_offset",  # UTCOffset not an offset in hours
+    "bad_integer",  # Seconds, NetworkSeconds or ConnectSeconds not a whole number >= 0
+    "bad_decimal",  # Charge, ChargeExcl or FreeUnitsUsed not an exact decimal
+)
+
+# Decimals are carried at this scale (Avro decimal(18, 6)): more digits would be rounded.
+DECIMAL_SCALE = 6
+DECIMAL_PRECISION = 18
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One row as the feed gave it: field name -> text, plus the raw text for dead letters."""
+
+    values: dict[str, str]
+    raw: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A row that could not become a record; it goes to the dead-letter topic."""
+
+    reason: str
+    detail: str
+    raw: str
+    cdr_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One billed CDR with every documented field typed."""
+
+    id: int
+    account_code: str
+    direction: str
+    call_type: str
+    bill_date: date
+    date: date
+    time: time
+    utc_datetime: datetime
+    utc_offset: Decimal
+    a_party: str
+    b_party: str
+    bill_number: str
+    seconds: int
+    network_seconds: int
+    connect_seconds: int
+    charge: Decimal
+    charge_excl: Decimal
+    free_units_used: Decimal
+    text_desc1: str
+    text_desc2: str
+    release_cause: str
+    status: str
+    service_type: str
+    billing_group: str
+    calling_group: str
+    profile: str
+
+
+class _InvalidFieldError(Exception):
+    """Internal: one field failed to parse; carries the reason code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+_DATE_ISO = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})\Z")
+_DATE_NZ = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})\Z")  # New Zealand writes day first
+_DATE_COMPACT = re.compile(r"(\d{4})(\d{2})(\d{2})\Z")
+_TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?\Z")
+_OFFSET_HHMM = re.compile(r"([+-]?)(\d{1,2}):?(\d{2})\Z")
+_UTC_SUFFIX = re.compile(r"(?:Z|UTC|GMT|[+-]00:?00)\Z", re.IGNORECASE)
+
+
+def parse_date(text: str, field: str = "Date") -> date:
+    """YYYY-MM-DD, DD/MM/YYYY (New Zealand order) or YYYYMMDD."""
+    s = text.strip()
+    m = _DATE_ISO.match(s)
+    if m:
+        y, mo, d = int(m[1]), int(m[2]), int(m[3])
+    elif m := _DATE_NZ.match(s):
+        d, mo, y = int(m[1]), int(m[2]), int(m[3])
+    elif m := _DATE_COMPACT.match(s):
+        y, mo, d = int(m[1]), int(m[2]), int(m[3])
+    else:
+        raise _InvalidFieldError(
+            "bad_date", f"{field} {text!r} is not a date (YYYY-MM-DD or DD/MM/YYYY)"
+        )
+    try:
+        return date(y, mo, d)
+    except ValueError as exc:
+        raise _InvalidFieldError("bad_date", f"{field} {text!r} is not a date: {exc}") from None
+
+
+def parse_time(text: str) -> time:
+    """HH:MM:SS, HH:MM or HH:MM:SS.ffffff."""
+    m = _TIME.match(text.strip())
+    if not m:
+        raise _InvalidFieldError("bad_time", f"Time {text!r} is not a time of day (HH:MM:SS)")
+    hour, minute, second = int(m[1]), int(m[2]), int(m[3] or 0)
+    micro = int((m[4] or "0").ljust(6, "0"))
+    try:
+        return time(hour, minute, second, micro)
+    except ValueError as exc:
+        raise _InvalidFieldError("bad_time", f"Time {text!r} is not a time of day: {exc}") from None
+
+
+def parse_utc_datetime(text: str) -> datetime:
+    """A UTC date and time: 'YYYY-MM-DD HH:MM:SS', ISO 8601 with T, Z or +00:00, or DD/MM/YYYY.
+
+    An explicit non-UTC offset is converted to UTC; a naive value is taken as UTC,
+    which is what the field's name promises.
+    """
+    s = text.strip()
+    if not s:
+        raise _InvalidFieldError("bad_datetime", "UTCDateTime is empty")
+    bare = _UTC_SUFFIX.sub("", s).strip()
+    sep = "T" if "T" in bare else " "
+    day_part, _, time_part = bare.partition(sep)
+    try:
+        if _DATE_NZ.match(day_part) or _DATE_COMPACT.match(day_part):
+            d = parse_date(day_part, "UTCDateTime")
+            t = parse_time(time_part) if time_part else time(0)
+            return datetime.combine(d, t, UTC)
+        parsed = datetime.fromisoformat(s.replace("UTC", "").replace("GMT", "").strip())
+    except (_InvalidFieldError, ValueError):
+        raise _InvalidFieldError(
+            "bad_datetime", f"UTCDateTime {text!r} is not a date and time"
+        ) from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def parse_offset(text: str) -> Decimal:
+    """Hours east of UTC: '13', '+13', '12.75', '+12:45', '+1245'. Must be whole quarter hours."""
+    s = text.strip()
+    m = _OFFSET_HHMM.match(s)
+    if m and (":" in s or len(m[2]) + len(m[3]) == 4):
+        hours = Decimal(int(m[2])) + Decimal(int(m[3])) / 60
+        value = -hours if m[1] == "-" else hours
+    else:
+        try:
+            value = Decimal(s)
+        except InvalidOperation:
+            raise _InvalidFieldError(
+                "bad_offset", f"UTCOffset {text!r} is not an offset in hours"
+            ) from None
+        if not value.is_finite():
+            raise _InvalidFieldError("bad_offset", f"UTCOffset {text!r} is not an offset in hours")
+    if not Decimal(-12) <= value <= Decimal(14) or (value * 4) % 1 != 0:
+        raise _InvalidFieldError("bad_offset", f"UTCOffset {text!r} is not a real time zone offset")
+    return value.quantize(Decimal("0.01"))
+
+
+def parse_seconds(text: str, field: str) -> int:
+    """A whole number of seconds >= 0; empty (a service fee) means 0."""
+    s = text.strip()
+    if not s:
+        return 0
+    if s.endswith(".0"):  # JSON numbers written as floats
+        s = s[:-2]
+    if not s.isdigit() or not s.isascii():
+        raise _InvalidFieldError(
+            "bad_integer", f"{field} {text!r} is not a whole number of seconds"
+        )
+    return int(s)
+
+
+_DECIMAL_QUANTUM = Decimal(1).scaleb(-DECIMAL_SCALE)
+_DECIMAL_LIMIT = Decimal(10) ** (DECIMAL_PRECISION - DECIMAL_SCALE)
+
+
+def parse_decimal(text: str, field: str) -> Decimal:
+    """An exact decimal (never a float); empty means 0; '$' and thousands commas are allowed."""
+    s = text.strip().replace(",", "").replace("$", "")
+    if not s:
+        return Decimal(0).quantize(_DECIMAL_QUANTUM)
+    try:
+        value = Decimal(s)
+    except InvalidOperation:
+        raise _InvalidFieldError(
+            "bad_decimal", f"{field} {text!r} is not a decimal amount"
+        ) from None
+    if not value.is_finite() or abs(value) >= _DECIMAL_LIMIT:
+        raise _InvalidFieldError("bad_decimal", f"{field} {text!r} is out of range")
+    quantized = value.quantize(_DECIMAL_QUANTUM)
+    if quantized != value:  # rounding money silently is not an option
+        raise _InvalidFieldError(
+            "bad_decimal", f"{field} {text!r} has more than {DECIMAL_SCALE} decimals"
+        )
+    return quantized
+
+
+def parse_id(text: str) -> int:
+    """A positive whole number."""
+    s = text.strip()
+    if s.endswith(".0"):
+        s = s[:-2]
+    if not s.isdigit() or not s.isascii() or int(s) <= 0:
+        raise _InvalidFieldError("bad_id", f"ID {text!r} is not a positive whole number")
+    return int(s)
+
+
+def to_record(row: Row) -> CallRecord | Rejection:
+    """Type one row; a field that cannot be typed makes the whole row a `Rejection`."""
+    v = row.values
+    cdr_id: int | None = None
+    try:
+        cdr_id = parse_id(v["ID"])
+        account = v["AccountCode"].strip()
+        if not account:
+            raise _InvalidFieldError(
+                "empty_account", "AccountCode is empty: there is no key to publish under"
+            )
+        return CallRecord(
+            id=cdr_id,
+            account_code=account,
+            direction=v["Direction"],
+            call_type=v["CallType"],
+            bill_date=parse_date(v["BillDate"], "BillDate"),
+            date=parse_date(v["Date"], "Date"),
+            time=parse_time(v["Time"]),
+            utc_datetime=parse_utc_datetime(v["UTCDateTime"]),
+            utc_offset=parse_offset(v["UTCOffset"]),
+            a_party=v["AParty"],
+            b_party=v["BParty"],
+            bill_number=v["BillNumber"],
+            seconds=parse_seconds(v["Seconds"], "Seconds"),
+            network_seconds=parse_seconds(v["NetworkSeconds"], "NetworkSeconds"),
+            connect_seconds=parse_seconds(v["ConnectSeconds"], "ConnectSeconds"),
+            charge=parse_decimal(v["Charge"], "Charge"),
+            charge_excl=parse_decimal(v["ChargeExcl"], "ChargeExcl"),
+            free_units_used=parse_decimal(v["FreeUnitsUsed"], "FreeUnitsUsed"),
+            text_desc1=v["TextDesc1"],
+            text_desc2=v["TextDesc2"],
+            release_cause=v["ReleaseCause"],
+            status=v["Status"],
+            service_type=v["ServiceType"],
+            billing_group=v["BillingGroup"],
+            calling_group=v["CallingGroup"],
+            profile=v["Profile"],
+        )
+    except _InvalidFieldError as exc:
+        return Rejection(exc.reason, exc.detail, row.raw, cdr_id)
+    except KeyError as exc:
+        return Rejection("missing_field", f"field {exc.args[0]} is missing", row.raw, cdr_id)
+
+
+def local_time_of(record: CallRecord) -> datetime:
+    """The call's local wall-clock time as UTCDateTime + UTCOffset (for consistency checks)."""
+    return (record.utc_datetime + timedelta(hours=float(record.utc_offset))).replace(tzinfo=None)
