@@ -1,0 +1,108 @@
+"""`cdr-streamer simulate`: one command-line flag per `SimulatorConfig` field, derived from it.
+
+Deriving the flags keeps the simulator's options and its command line from drifting
+apart. The password comes from CDR_SIMULATOR_PASSWORD or CDR_SIMULATOR_PASSWORD_FILE,
+never from an argument, so it does not show in `ps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+from streamer.errors import ConfigError
+from streamer.simulator import SimulatorConfig, serve
+
+PASSWORD_ENV = "CDR_SIMULATOR_PASSWORD"  # noqa: S105 - the variable's name
+_NOT_FLAGS = {"password", "start"}
+_HELP = {
+    "backlog": "CDRs that exist at start (IDs 1..N), generated lazily: 10 million is fine",
+    "rate_per_s": "new CDRs per second while running",
+    "max_rows": "cap on rows per response, as a provider paging its answers would",
+    "malformed_rate": "share of rows written broken (bad date, bad ID, wrong field count...)",
+    "unsorted": "shuffle rows within each response",
+    "auth_failure_style": "how a wrong password is answered: text200 is the hardest case",
+    "transfer": "body framing: Content-Length, chunked, or close-delimited",
+    "login": "the login to accept",
+    "host": "address to listen on",
+    "port": "port to listen on (0: any free port)",
+    "seed": "data seed: the same seed gives the same CDRs",
+    "mean_gap_s": "mean seconds between calls (the call times' spacing)",
+    "jitter_s": "each call's time varies by up to this many seconds",
+    "accounts": "number of distinct AccountCodes (Kafka keys)",
+    "header": "write a header row in csv / txt / pipe",
+    "date_style": "BillDate and Date layout: iso YYYY-MM-DD or nz DD/MM/YYYY",
+    "datetime_style": "UTCDateTime layout",
+    "json_numbers": "numeric fields as JSON numbers instead of strings",
+    "json_pretty": "indent JSON output",
+    "line_ending": "line ending of delimited formats",
+    "bom": "start the body with a UTF-8 byte order mark",
+    "quote_all": "quote every field, not only those that need it",
+    "empty_style": "body when there are no records: empty, or the header row only",
+    "batch_rows": "rows written to the socket at a time",
+    "latency_s": "delay before each answer",
+    "error_rate": "share of requests answered 500 or 503",
+    "rate_limit_rate": "share of requests answered 429 with Retry-After",
+    "retry_after_s": "the Retry-After of those 429 answers",
+    "truncate_rate": "share of bodies cut short",
+    "html_error_rate": "share of requests answered with an HTML error page",
+}
+_ALIASES = {"rate_per_s": ["--rate"]}
+
+
+def add_simulate_parser(sub: Any) -> None:
+    """Register the `simulate` subcommand on the CLI's subparsers."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "simulate",
+        help="serve a fake billingfeed.php with realistic CDRs (development, demos, tests)",
+        description="A faithful fake of the provider's Billing Feed web service: login and "
+        "password, every parameter and format, and faults on demand. The password it "
+        f"expects comes from {PASSWORD_ENV} (or {PASSWORD_ENV}_FILE).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(SimulatorConfig)
+    for f in dataclasses.fields(SimulatorConfig):
+        if f.name in _NOT_FLAGS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        kwargs: dict[str, Any] = {
+            "default": f.default,
+            "help": _HELP.get(f.name, f.name.replace("_", " ")),
+            "metavar": f.name.upper(),
+        }
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            del kwargs["metavar"]
+        elif choices:
+            kwargs.update(choices=choices, metavar=None)
+        elif f.name == "line_ending":
+            kwargs.update(choices=["lf", "crlf"], default="lf", type=str, metavar=None)
+        elif f.name == "max_rows":
+            kwargs["type"] = int
+        else:
+            kwargs["type"] = type(f.default)
+        parser.add_argument(flag, *_ALIASES.get(f.name, []), dest=f"sim_{f.name}", **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, env: typing.Mapping[str, str]) -> SimulatorConfig:
+    password = env.get(PASSWORD_ENV)
+    if not password and env.get(f"{PASSWORD_ENV}_FILE"):
+        password = Path(env[f"{PASSWORD_ENV}_FILE"]).read_text(encoding="utf-8").strip()
+    if not password:
+        raise ConfigError(f"set {PASSWORD_ENV} (or {PASSWORD_ENV}_FILE) to the password to expect")
+    values = {
+        name[len("sim_") :]: value for name, value in vars(args).items() if name.startswith("sim_")
+    }
+    values["line_ending"] = "\r\n" if values.get("line_ending") == "crlf" else "\n"
+    return SimulatorConfig(password=password, **values)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    serve(config_from_args(args, os.environ))
+    return 0
