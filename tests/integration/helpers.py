@@ -1,0 +1,170 @@
+"""Integration helpers: an independent consumer, and the streamer run as a real process.
+
+The consumer uses only confluent-kafka, fastavro and the `.avsc`, as a downstream
+team would: it checks the single-object marker and fingerprint itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import fastavro
+import fastavro.schema
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO_ROOT / "schemas" / "cdr.avsc"
+FEED_PASSWORD = "Tr1cky&pa=ss word"  # characters that must survive form and URL encoding
+
+
+@dataclass(frozen=True)
+class Event:
+    key: str
+    value: dict[str, Any]
+    partition: int
+    timestamp_ms: int
+    headers: dict[str, bytes]
+
+
+def load_cdr_schema() -> Any:
+    return fastavro.parse_schema(json.loads(SCHEMA_PATH.read_text()))
+
+
+def decode_event(data: bytes, schema: Any) -> dict[str, Any]:
+    """Avro single-object encoding, per the Avro specification."""
+    assert data[:2] == b"\xc3\x01", "missing single-object marker"
+    canonical = fastavro.schema.to_parsing_canonical_form(schema)
+    assert data[2:10] == bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
+    value: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(data[10:]), schema, None)
+    return value
+
+
+def read_topic(bootstrap: str, topic: str, *, timeout_s: float = 60.0) -> list[Any]:
+    """Every message in `topic` now, read to the end offsets taken at the start."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=30)
+        partitions = [TopicPartition(topic, p) for p in metadata.topics[topic].partitions]
+        ends = {
+            tp.partition: consumer.get_watermark_offsets(tp, timeout=30)[1] for tp in partitions
+        }
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        messages: list[Any] = []
+        positions = dict.fromkeys(ends, 0)
+        deadline = time.monotonic() + timeout_s
+        while any(positions[p] < ends[p] for p in ends):
+            assert time.monotonic() < deadline, (
+                f"timed out reading {topic}: at {positions}, ends {ends}"
+            )
+            msg = consumer.poll(1.0)
+            if msg is None:
+                continue
+            if msg.error():
+                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
+                continue
+            positions[msg.partition()] = msg.offset() + 1
+            messages.append(msg)
+        return messages
+    finally:
+        consumer.close()
+
+
+def read_events(bootstrap: str, topic: str) -> list[Event]:
+    schema = load_cdr_schema()
+    events = []
+    for msg in read_topic(bootstrap, topic):
+        events.append(
+            Event(
+                key=msg.key().decode("utf-8"),
+                value=decode_event(msg.value(), schema),
+                partition=msg.partition(),
+                timestamp_ms=msg.timestamp()[1],
+                headers=dict(msg.headers() or []),
+            )
+        )
+    return events
+
+
+def assert_matches_source(value: Mapping[str, Any], source: Mapping[str, str]) -> None:
+    """Every field of a decoded event against the simulator's canonical source row."""
+    assert str(value["ID"]) == source["ID"]
+    for name in ("BillDate", "Date"):
+        assert value[name].isoformat() == source[name], name
+    assert value["Time"].strftime("%H:%M:%S") == source["Time"]
+    assert value["UTCDateTime"].strftime("%Y-%m-%d %H:%M:%S") == source["UTCDateTime"]
+    assert value["UTCDateTime"].utcoffset().total_seconds() == 0
+    for name in ("UTCOffset", "Charge", "ChargeExcl", "FreeUnitsUsed"):
+        assert value[name] == Decimal(source[name]), name
+    for name in ("Seconds", "NetworkSeconds", "ConnectSeconds"):
+        assert value[name] == int(source[name] or 0), name
+    for name in (
+        "AccountCode",
+        "Direction",
+        "CallType",
+        "AParty",
+        "BParty",
+        "BillNumber",
+        "TextDesc1",
+        "TextDesc2",
+        "ReleaseCause",
+        "Status",
+        "ServiceType",
+        "BillingGroup",
+        "CallingGroup",
+        "Profile",
+    ):
+        assert value[name] == source[name], name
+
+
+def write_config(
+    path: Path, *, bootstrap: str, topic: str, feeds: list[dict[str, Any]], **kafka: Any
+) -> Path:
+    """A streamer configuration file (TOML) for one test."""
+    lines = [
+        "[kafka]",
+        f'bootstrap_servers = "{bootstrap}"',
+        f'topic = "{topic}"',
+        f'dead_letter_topic = "{topic}-dlq"',
+        "partitions = 3",
+    ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in kafka.items()]
+    lines += ["[metrics]", "port = 0"]
+    for feed in feeds:
+        lines.append("[[feeds]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in feed.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_streamer(
+    *args: str, env: Mapping[str, str] | None = None, timeout_s: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`cdr-streamer ARGS` as a real process, the way an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "streamer", *args],
+        env={**os.environ, "CDR_FEED_PASSWORD": FEED_PASSWORD, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        cwd=REPO_ROOT,
+    )
