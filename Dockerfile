@@ -1,0 +1,23 @@
+# The cdr-streamer image: one image for both `cdr-streamer run` and `cdr-streamer simulate`
+# (see docker-compose.yml). Built from the checkout, with the tested pins of constraints.txt.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY constraints.txt pyproject.toml ./
+COPY streamer/ streamer/
+RUN pip install -c constraints.txt . && rm -rf /src
+
+# Never root at run time; the cursor lives on a volume at /var/lib/cdr-streamer.
+RUN useradd --system --uid 10001 --home-dir /var/lib/cdr-streamer --shell /usr/sbin/nologin cdr \
+    && install -d -o cdr -g cdr -m 0750 /var/lib/cdr-streamer
+USER cdr
+WORKDIR /var/lib/cdr-streamer
+
+# 8080: the simulator's billing feed; 9108: the streamer's Prometheus metrics.
+EXPOSE 8080 9108
+CMD ["cdr-streamer", "--help"]
