@@ -8,8 +8,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY constraints.txt pyproject.toml ./
+COPY constraints.txt pyproject.toml README.md ./
 COPY streamer/ streamer/
+COPY schemas/ schemas/
 RUN pip install -c constraints.txt . && rm -rf /src
 
 # Never root at run time; the cursor lives on a volume at /var/lib/cdr-streamer.
