@@ -218,7 +218,9 @@ def parse_seconds(text: str, field: str) -> int:
         return 0
     if s.endswith(".0"):  # JSON numbers written as floats
         s = s[:-2]
-    if not s.isdigit() or not s.isascii():
+    # Nine digits at most: the field is an Avro int (32 bits), and int() of a junk
+    # cell of thousands of digits would hit Python's own limit.
+    if not s.isdigit() or not s.isascii() or len(s) > 9:
         raise _InvalidFieldError(
             "bad_integer", f"{field} {text!r} is not a whole number of seconds"
         )
@@ -255,7 +257,8 @@ def parse_id(text: str) -> int:
     s = text.strip()
     if s.endswith(".0"):
         s = s[:-2]
-    if not s.isdigit() or not s.isascii() or int(s) <= 0:
+    # 18 digits at most: the field is an Avro long, and junk must not reach int().
+    if not s.isdigit() or not s.isascii() or len(s) > 18 or int(s) <= 0:
         raise _InvalidFieldError("bad_id", f"ID {text!r} is not a positive whole number")
     return int(s)
 

@@ -484,6 +484,28 @@ def test_random_splits(fmt: str, data: st.DataObject) -> None:
     assert parse(split_at(body, cuts), fmt) == parse(body, fmt)
 
 
+def endless(start: bytes, repeat: bytes) -> Iterator[bytes]:
+    yield start
+    while True:
+        yield repeat
+
+
+@pytest.mark.parametrize(
+    ("fmt", "start", "repeat"),
+    [
+        ("csv", b"", b"x" * 4096),  # a line that never ends
+        ("csv", HEADER["csv"] + b'\n1,"', b"quoted\n" * 512),  # a quote that never closes
+        ("txt", HEADER["txt"] + b'\n1\t"a\n"', b'\t"a\n"' * 512),  # a row that never ends
+        ("json", b'[{"TextDesc1": "', b"x" * 4096),  # a string that never closes
+        ("json", b"[" + GOOD_JSON[:-1], b', "x": 1' * 512),  # an object that never closes
+    ],
+    ids=["line", "quote", "fields", "json-string", "json-object"],
+)
+def test_a_record_that_never_ends_is_refused(fmt: str, start: bytes, repeat: bytes) -> None:
+    # Memory stays bounded: the parser gives up instead of buffering the endless record.
+    assert error_of(endless(start, repeat), fmt).reason == "not_feed"
+
+
 def test_a_long_json_element_in_tiny_chunks_is_decoded_a_few_times(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
