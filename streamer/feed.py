@@ -41,8 +41,8 @@ from streamer.errors import (
     FeedRequestError,
     FeedUnavailableError,
 )
-from streamer.formats import parse_rows
-from streamer.records import Rejection, Row
+from streamer.formats import FORMATS, parse_rows
+from streamer.records import FIELDS, Rejection, Row
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,9 @@ class FeedQuery:
         return out
 
 
+RETRY_AFTER_MAX_S = 3600.0
+
+
 class Backoff:
     """Capped exponential backoff with full jitter (sleep a random time in [0, cap))."""
 
@@ -116,9 +119,11 @@ class Backoff:
         self.attempt = 0
 
     def next_delay(self, at_least_s: float = 0.0) -> float:
-        cap = min(self.max_s, self.base_s * (2**self.attempt))
+        cap = min(self.max_s, self.base_s * (2 ** min(self.attempt, 62)))
         self.attempt += 1
-        return max(at_least_s, self._rng.uniform(0, cap))
+        # A server's Retry-After is honoured, up to an hour: a far-future date must not
+        # park the feed for days (or overflow the wait).
+        return max(min(at_least_s, RETRY_AFTER_MAX_S), self._rng.uniform(0, cap))
 
     def reset(self) -> None:
         self.attempt = 0
@@ -129,11 +134,11 @@ def retry_after_s(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # isdigit alone accepts "²"
         return float(value)
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -251,6 +256,10 @@ class FeedClient:
             raise FeedUnavailableError(
                 f"cannot reach {self._where}: {type(exc).__name__}: {exc}"
             ) from exc
+        except httpx.DecodingError as exc:
+            raise BadResponseError(
+                f"{self._where} sent a body that cannot be decoded: {exc}", reason="bad_encoding"
+            ) from exc
         status = response.status_code
         if status == 200:
             return response
@@ -312,6 +321,14 @@ class FeedClient:
             raise BadResponseError(
                 f"{self._where} sent a truncated body after {counter.n} bytes", reason="truncated"
             ) from exc
+        except httpx.DecodingError as exc:  # e.g. a corrupt gzip Content-Encoding
+            raise BadResponseError(
+                f"{self._where} sent a body that cannot be decoded: {exc}", reason="bad_encoding"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise FeedUnavailableError(
+                f"lost {self._where} while reading: {type(exc).__name__}"
+            ) from exc
 
     def _sniff(self, head: bytes, *, complete: bool) -> None:
         text = head.lstrip(b"\xef\xbb\xbf")
@@ -321,16 +338,32 @@ class FeedClient:
             raise AuthError(
                 f"{self._where} answered with a login page: check the login and password"
             )
-        if complete and not is_html and _AUTH_TEXT.search(text):
+        # Refusal text is looked for only in a body without the feed's structure: a real
+        # one-row page may well say "authentication" in a call's description.
+        refused = complete and not is_html and not self._looks_like_feed(text)
+        if refused and _AUTH_TEXT.search(text):
             raise AuthError(
-                f"{self._where} refused login {self.login!r}: {_printable(text)!r}: "
+                f"{self._where} refused login {self.login!r}: {self._shown(text)!r}: "
                 "check the login and password"
             )
         if is_html:
             raise BadResponseError(
-                f"{self._where} answered with an HTML page, not a feed: {_printable(text)!r}",
+                f"{self._where} answered with an HTML page, not a feed: {self._shown(text)!r}",
                 reason="html",
             )
+
+    def _looks_like_feed(self, text: bytes) -> bool:
+        """A JSON array, or a first line with (nearly) the 26 documented fields."""
+        if self.query.format == "json":
+            return text.lstrip().startswith(b"[")
+        delimiter = FORMATS[self.query.format].encode()
+        first_line = text.split(b"\n", 1)[0]
+        return first_line.count(delimiter) >= len(FIELDS) - 2
+
+    def _shown(self, text: bytes) -> str:
+        """The start of a body for an error message, never the password (if echoed back)."""
+        shown, password = _printable(text), self._password.reveal()
+        return shown.replace(password, "***") if password else shown
 
 
 class _ByteCounter:

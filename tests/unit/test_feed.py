@@ -188,4 +188,38 @@ def test_backoff_is_capped_full_jitter() -> None:
     backoff = Backoff(1.0, 8.0)
     delays = [backoff.next_delay() for _ in range(20)]
     assert all(0 <= d <= 8.0 for d in delays)
-    assert backoff.next_delay(at_least_s=30) >= 30
+    assert backoff.next_delay(at_least_s=30) >= 30  # Retry-After is honoured over the cap
+    assert backoff.next_delay(at_least_s=10**12) == 3600.0  # up to an hour
+
+
+def test_one_real_row_mentioning_authentication_is_not_a_refusal() -> None:
+    # A quiet account's page may hold one call whose description trips the refusal words.
+    values = [
+        "7", "81234567", "outbound", "Mobile", "2024-04-01", "2024-03-05", "13:45:12",
+        "2024-03-05 00:45:12", "13", "6493001234", "6421555123", "6493001234", "60", "42",
+        "3", "0.33", "0.2875", "0", "Bank authentication code", "Invalid login attempt SMS",
+        "0016", "Ok", "Plan", "Default", "Default", "Default",
+    ]  # fmt: skip
+    body = (HEADER + ",".join(values) + "\n").encode()
+    assert len(body) < 512
+    rows = fetch_all(client_for(answer(200, body)))
+    assert len(rows) == 1
+
+
+def test_corrupt_gzip_is_a_bad_response() -> None:
+    client = client_for(answer(200, b"not gzip at all", {"Content-Encoding": "gzip"}))
+    with pytest.raises(BadResponseError, match="cannot be decoded"):
+        fetch_all(client)
+
+
+@pytest.mark.parametrize("value", ["²", "Fri, 31 Dec 9999 23:59:59 GMT", "99999999999999999999"])
+def test_outlandish_retry_after_is_capped(value: str) -> None:
+    seconds = retry_after_s(value)
+    assert seconds is None or Backoff(1.0, 300.0).next_delay(seconds) <= 3600.0
+
+
+def test_password_echoed_in_an_error_page_is_not_repeated() -> None:
+    page = f"<html><body>Bad request: login=81234567&password={PASSWORD}</body></html>"
+    with pytest.raises(BadResponseError) as info:
+        fetch_all(client_for(answer(200, page.encode())))
+    assert PASSWORD not in str(info.value)
