@@ -10,6 +10,7 @@ the file, in that order of preference.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -25,8 +26,11 @@ PROVIDER_MIN_POLL_INTERVAL_S = (
     600.0  # "A reasonable polling frequency would be 10 minutes or greater."
 )
 DEFAULT_PASSWORD_ENV = "CDR_FEED_PASSWORD"  # noqa: S105 - the variable's name, not a password
+SCHEMA_REGISTRY_PASSWORD_ENV = "CDR_SCHEMA_REGISTRY_PASSWORD"  # noqa: S105 - likewise
 
 FeedFormat = Literal["csv", "txt", "pipe", "json"]
+SftpFormat = Literal["auto", "csv", "txt", "pipe", "json"]
+AfterAction = Literal["keep", "delete", "move"]
 Delivery = Literal["at_least_once", "exactly_once"]
 
 
@@ -70,6 +74,9 @@ class FeedSettings:
     poll_jitter_ratio: float = 0.1  # up to 10 % of the interval added, so feeds drift apart
     allow_fast_polling: bool = False
     page_size: int = 0  # 0: the provider sends everything in one response
+    # The provider sends each response in ID order: the cursor may then be committed
+    # every kafka.checkpoint_every records instead of only at the end of a response.
+    ids_ascending: bool = False
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
     request_deadline_s: float = 1800.0
@@ -90,10 +97,26 @@ class KafkaSettings:
     partitions: int = 6
     replication_factor: int = 1
     min_insync_replicas: int = 1
+    # Retention of the topics the streamer creates. Events carry the call's own time as
+    # their timestamp, and Kafka's time retention judges by it: with 7 days, a first
+    # sync or backfill of older CDRs would be deleted right after it was published.
+    # -1 keeps events until you decide otherwise.
+    retention_ms: int = -1
     delivery: Delivery = "at_least_once"
+    # Where cursors live: "file" (cursor_file per feed) or "kafka" (a compacted topic,
+    # so a container can restart on any host). Exactly-once needs "kafka".
+    cursor_store: Literal["", "file", "kafka"] = ""  # "": kafka if exactly_once, else file
+    cursor_topic: str = "cdr-streamer-cursors"
+    transactional_id_prefix: str = "cdr-streamer"  # + "-" + the feed's name
     flush_timeout_s: float = 120.0
     checkpoint_every: int = 10_000
-    producer: Mapping[str, str] = field(default_factory=dict)
+    # librdkafka settings; may hold secrets (sasl.password), so never in a repr.
+    producer: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Set: Confluent Schema Registry framing, subject "<topic>-value"; empty: single-object.
+    schema_registry_url: str = ""
+    schema_registry_auto_register: bool = True
+    schema_registry_user: str = ""  # basic auth; the password only from the environment
+    schema_registry_password: Secret = field(default_factory=lambda: Secret(""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +125,38 @@ class MetricsSettings:
 
     host: str = "0.0.0.0"  # noqa: S104 - a scrape target must be reachable from Prometheus
     port: int = 9108
+    # /readyz answers 503 once a feed's polls have been failing for longer than this.
+    ready_max_failing_s: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class SftpSettings:
+    """One SFTP source of CDR files: the server, the login, the directory, what to do after."""
+
+    name: str
+    host: str
+    user: str
+    port: int = 22
+    password: Secret | None = None  # password_env, password_file or password
+    key_file: str = ""  # a private key (OpenSSH or PEM); with or without a passphrase
+    key_passphrase: Secret | None = None  # key_passphrase_env or key_passphrase_file
+    known_hosts: str = "~/.ssh/known_hosts"
+    # Accept an unknown host key on first contact (logged with its fingerprint) and
+    # record it in known_hosts. Never a changed key.
+    trust_unknown_host_key: bool = False
+    directory: str = "."
+    pattern: str = "cdr_*"  # a glob on file names
+    format: SftpFormat = "auto"  # auto: from the extension (.csv, .txt/.tsv, .pipe/.psv, .json)
+    settle_s: float = 60.0  # a file is complete once unchanged across listings this long
+    poll_interval_s: float = 60.0
+    after: str = "keep"  # keep, delete, or move:DIR (relative to directory)
+    quarantine_dir: str = ""  # files that are not feed files go here (relative to directory)
+    pairs_with_feed: str = ""  # a [[feeds]] name: the same account's web feed, deduplicated
+    cursor_file: str = ""
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +166,7 @@ class Settings:
     kafka: KafkaSettings
     feeds: tuple[FeedSettings, ...]
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    sftp: tuple[SftpSettings, ...] = ()
 
 
 def is_loopback_url(url: str) -> bool:
@@ -159,7 +215,9 @@ def _take(
                 problems.add(f"{where}.{key}", f"must be a number, not {value!r}")
             elif isinstance(default, int) and not isinstance(value, int):
                 problems.add(f"{where}.{key}", f"must be a whole number, not {value!r}")
-            elif value < 0:
+            elif not math.isfinite(value):
+                problems.add(f"{where}.{key}", f"must be a finite number, not {value!r}")
+            elif value < 0 and not (key == "retention_ms" and value == -1):
                 problems.add(f"{where}.{key}", f"must not be negative, not {value!r}")
         elif isinstance(default, str) and not isinstance(value, str):
             problems.add(f"{where}.{key}", f"must be a string, not {value!r}")
@@ -210,8 +268,8 @@ def parse_settings(
     env = os.environ if env is None else env
     problems = _Problems()
     for key in data:
-        if key not in {"kafka", "feeds", "metrics"}:
-            problems.add(key, "unknown section (known: kafka, feeds, metrics)")
+        if key not in {"kafka", "feeds", "metrics", "sftp"}:
+            problems.add(key, "unknown section (known: kafka, feeds, sftp, metrics)")
 
     kafka_table = dict(data.get("kafka", {}))
     servers = (
@@ -223,19 +281,33 @@ def parse_settings(
     kafka_args = _take(kafka_table, KafkaSettings, "kafka", problems, set())
     if not servers:
         problems.add("kafka.bootstrap_servers", "not set (or set KAFKA_BOOTSTRAP_SERVERS)")
-    if kafka_args.get("delivery", "at_least_once") not in ("at_least_once", "exactly_once"):
+    delivery = kafka_args.get("delivery", "at_least_once")
+    if delivery not in ("at_least_once", "exactly_once"):
         problems.add("kafka.delivery", "must be 'at_least_once' or 'exactly_once'")
+    store = kafka_args.get("cursor_store", "")
+    if store not in ("", "file", "kafka"):
+        problems.add("kafka.cursor_store", "must be 'file' or 'kafka'")
+    elif delivery == "exactly_once" and store == "file":
+        problems.add(
+            "kafka.cursor_store",
+            "exactly_once keeps the cursor in Kafka, inside each transaction: "
+            "remove cursor_store or set it to 'kafka'",
+        )
+    elif not store:
+        kafka_args["cursor_store"] = "kafka" if delivery == "exactly_once" else "file"
     producer = kafka_args.get("producer", {})
     if not isinstance(producer, Mapping):
         problems.add("kafka.producer", "must be a table of librdkafka settings")
     else:
         kafka_args["producer"] = {str(k): str(v) for k, v in producer.items()}
+    _check_schema_registry(kafka_args, env, problems)
 
     feeds: list[FeedSettings] = []
     tables = data.get("feeds", [])
-    if not tables:
-        problems.add("feeds", "no [[feeds]] configured")
+    if not tables and not data.get("sftp"):
+        problems.add("feeds", "no [[feeds]] (or [[sftp]]) configured")
     names: set[str] = set()
+    feed_tables: dict[str, dict[str, Any]] = {}
     for i, table in enumerate(tables):
         where = f"feeds[{i}]"
         args = _take(table, FeedSettings, where, problems, _PASSWORD_KEYS)
@@ -248,23 +320,193 @@ def parse_settings(
             problems.add(where, "two feeds share this name; each needs its own cursor and label")
         names.add(name)
         args["password"] = _password(table, where, env, problems)
+        feed_tables[name] = args
         _check_feed(args, where, problems)
         if not problems.items:
             args.setdefault("cursor_file", f"var/cursor-{name}.json")
             feeds.append(FeedSettings(**args))
 
+    sftp = _sftp_sources(data.get("sftp", []), feed_tables, names, env, problems)
     metrics_args = _take(data.get("metrics", {}), MetricsSettings, "metrics", problems, set())
     problems.raise_if_any(source)
     return Settings(
         kafka=KafkaSettings(bootstrap_servers=str(servers), **kafka_args),
         feeds=tuple(feeds),
         metrics=MetricsSettings(**metrics_args),
+        sftp=tuple(sftp),
     )
+
+
+_SFTP_SECRET_KEYS = {
+    "password", "password_env", "password_file",
+    "key_passphrase", "key_passphrase_env", "key_passphrase_file",
+}  # fmt: skip
+
+
+def _secret(
+    table: Mapping[str, Any],
+    prefix: str,
+    where: str,
+    env: Mapping[str, str],
+    problems: _Problems,
+    *,
+    in_file: bool,
+) -> Secret | None:
+    """A secret from `PREFIX_env`, `PREFIX_file` or (if `in_file`) `PREFIX`; None if none."""
+    env_name = table.get(f"{prefix}_env")
+    file_name = table.get(f"{prefix}_file")
+    if env_name is not None:
+        value = env.get(str(env_name))
+        if not value:
+            problems.add(f"{where}.{prefix}_env", f"environment variable {env_name} is not set")
+        return Secret(value or "")
+    if file_name is not None:
+        try:
+            return Secret(Path(str(file_name)).read_text(encoding="utf-8").strip())
+        except OSError as exc:
+            problems.add(f"{where}.{prefix}_file", f"cannot read {file_name}: {exc.strerror}")
+            return Secret("")
+    if prefix in table:
+        if not in_file:
+            problems.add(f"{where}.{prefix}", f"not in the file: use {prefix}_env or {prefix}_file")
+            return None
+        return Secret(str(table[prefix]))
+    return None
+
+
+def parse_after(after: str) -> tuple[AfterAction, str]:
+    """The `after` setting as (keep | delete | move, directory); ValueError if malformed."""
+    if after == "keep":
+        return "keep", ""
+    if after == "delete":
+        return "delete", ""
+    kind, _, directory = after.partition(":")
+    if kind == "move" and directory.strip():
+        return "move", directory.strip()
+    raise ValueError(f"must be 'keep', 'delete' or 'move:DIRECTORY', not {after!r}")
+
+
+def _sftp_sources(
+    tables: Any,
+    feeds: Mapping[str, Mapping[str, Any]],
+    names: set[str],
+    env: Mapping[str, str],
+    problems: _Problems,
+) -> list[SftpSettings]:
+    """The [[sftp]] tables, each checked against the feeds it may pair with."""
+    if not isinstance(tables, list):
+        problems.add("sftp", "must be an array of tables: [[sftp]]")
+        return []
+    sources: list[SftpSettings] = []
+    paired: dict[str, str] = {}
+    for i, table in enumerate(tables):
+        args = _take(table, SftpSettings, f"sftp[{i}]", problems, _SFTP_SECRET_KEYS)
+        name = str(args.get("name", ""))
+        where = f"sftp[{name or i}]"
+        for required in ("name", "host", "user"):
+            if not args.get(required):
+                problems.add(where, f"{required} is required")
+        if name in names:
+            problems.add(where, "a feed or another SFTP source has this name; each needs its own")
+        names.add(name)
+        args["password"] = _secret(table, "password", where, env, problems, in_file=True)
+        args["key_passphrase"] = _secret(
+            table, "key_passphrase", where, env, problems, in_file=False
+        )
+        _check_sftp(args, where, feeds, paired, problems)
+        if not problems.items:
+            args.setdefault("cursor_file", f"var/sftp-cursor-{name}.json")
+            sources.append(SftpSettings(**args))
+    return sources
+
+
+def _check_sftp(
+    args: dict[str, Any],
+    where: str,
+    feeds: Mapping[str, Mapping[str, Any]],
+    paired: dict[str, str],
+    problems: _Problems,
+) -> None:
+    key_file = str(args.get("key_file", ""))
+    if args.get("password") is None and not key_file:
+        problems.add(
+            where,
+            "no password or key: set key_file, or password_env (an environment variable's "
+            "name) or password_file",
+        )
+    if key_file and not Path(key_file).expanduser().is_file():
+        problems.add(f"{where}.key_file", f"{key_file} is not a readable file")
+    if args.get("key_passphrase") is not None and not key_file:
+        problems.add(f"{where}.key_passphrase_env", "a passphrase needs a key_file")
+    known_hosts = Path(str(args.get("known_hosts", "~/.ssh/known_hosts"))).expanduser()
+    args["known_hosts"] = str(known_hosts)
+    if not known_hosts.is_file() and not args.get("trust_unknown_host_key"):
+        problems.add(
+            f"{where}.known_hosts",
+            f"{known_hosts} does not exist: put the server's host key there (checked with "
+            "the provider), or set trust_unknown_host_key = true to record it on first contact",
+        )
+    port = args.get("port", 22)
+    if isinstance(port, int) and not 1 <= port <= 65535:
+        problems.add(f"{where}.port", f"must be 1..65535, not {port}")
+    if args.get("format", "auto") not in ("auto", "csv", "txt", "pipe", "json"):
+        problems.add(f"{where}.format", "must be one of auto, csv, txt (tab), pipe, json")
+    try:
+        parse_after(str(args.get("after", "keep")))
+    except ValueError as exc:
+        problems.add(f"{where}.after", str(exc))
+    if not float(args.get("poll_interval_s", 60.0)) > 0:
+        problems.add(f"{where}.poll_interval_s", "must be more than 0")
+    feed = str(args.get("pairs_with_feed", ""))
+    if feed:
+        if feed not in feeds:
+            problems.add(
+                f"{where}.pairs_with_feed",
+                f"no feed named {feed!r} (configured: {', '.join(feeds) or 'none'})",
+            )
+        elif feeds[feed].get("callsonly") or feeds[feed].get("servicesonly"):
+            problems.add(
+                f"{where}.pairs_with_feed",
+                f"feed {feed!r} fetches only calls or only services: its cursor cannot "
+                "vouch for every CDR in the files",
+            )
+        if feed in paired:
+            problems.add(
+                f"{where}.pairs_with_feed", f"feed {feed!r} already pairs with {paired[feed]!r}"
+            )
+        paired[feed] = str(args.get("name", ""))
+
+
+def _check_schema_registry(
+    args: dict[str, Any], env: Mapping[str, str], problems: _Problems
+) -> None:
+    """The registry settings; its password, like a feed's, never sits in the file."""
+    hint = f"set schema_registry_user and the {SCHEMA_REGISTRY_PASSWORD_ENV} environment variable"
+    if "schema_registry_password" in args:
+        problems.add("kafka.schema_registry_password", f"not in the file: {hint}")
+    password = env.get(SCHEMA_REGISTRY_PASSWORD_ENV, "")
+    args["schema_registry_password"] = Secret(password)
+    # One URL or several, comma separated; mock:// is confluent-kafka's in-process mock (tests).
+    for url in filter(None, str(args.get("schema_registry_url", "")).split(",")):
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https", "mock") or not parts.netloc:
+            problems.add("kafka.schema_registry_url", "must be http(s)://HOST[:PORT][/PATH]")
+        elif "@" in parts.netloc:
+            problems.add("kafka.schema_registry_url", f"must not carry credentials: {hint}")
+    if args.get("schema_registry_user") and not password:
+        problems.add("kafka.schema_registry_user", f"has no password: {hint}")
 
 
 def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
     url = str(args.get("url", ""))
-    if url and urlsplit(url).scheme not in ("http", "https"):
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        # Said without repeating the URL: it holds a secret.
+        problems.add(
+            f"{where}.url",
+            "must not contain credentials (user:password@): use login and password_env",
+        )
+    elif url and parts.scheme not in ("http", "https"):
         problems.add(f"{where}.url", f"must be an http(s) URL, not {url!r}")
     if urlsplit(url).query:
         problems.add(f"{where}.url", "must not carry a query string: parameters are sent by us")

@@ -10,11 +10,24 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
+import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from streamer.errors import ConfigError
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from streamer.errors import ConfigError, DeliveryError, TopicError
 
 
 class CursorStore(Protocol):
@@ -45,6 +58,8 @@ class FileCursorStore:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return self.initial
+        except OSError as exc:
+            raise ConfigError(f"cannot read cursor file {self.path}: {exc.strerror}") from None
         try:
             data = json.loads(text)
             cursor = data["cursor"]
@@ -63,8 +78,15 @@ class FileCursorStore:
         return cursor
 
     def commit(self, cursor: int) -> None:
-        directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self._write(cursor)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write cursor file {self.path}: {exc.strerror}; "
+                "check cursor_file and the directory's permissions"
+            ) from None
+
+    def _write(self, cursor: int) -> None:
         payload = json.dumps(
             {
                 "feed": self.feed,
@@ -72,22 +94,29 @@ class FileCursorStore:
                 "committed_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
         )
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(payload + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path, payload + "\n")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text`: temp file, fsync, rename, fsync of the directory."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # The rename is durable only once the directory entry is on disk.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class MemoryCursorStore:
@@ -101,3 +130,303 @@ class MemoryCursorStore:
 
     def commit(self, cursor: int) -> None:
         self.cursor = cursor
+
+
+class KafkaCursorStore:
+    """A feed's cursor as the latest record, keyed by the feed's name, in a compacted topic.
+
+    So a container can restart on any host. `load()` reads the topic to its end with
+    `read_committed`, so a cursor written inside an aborted transaction is never seen.
+    In exactly-once mode the pipeline produces `message()` inside its transaction and
+    calls `committed()` after; otherwise `commit()` produces and waits on its own.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic: str,
+        feed: str,
+        *,
+        initial: int = 0,
+        client_config: Mapping[str, str] | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.feed = feed
+        self.initial = initial
+        self._client_config = dict(client_config or {})
+        self.timeout_s = timeout_s
+        self._cursor: int | None = None
+        self._producer: Producer | None = None
+
+    def __repr__(self) -> str:
+        return f"KafkaCursorStore(topic={self.topic!r}, feed={self.feed!r})"
+
+    def message(self, cursor: int) -> tuple[str, bytes, bytes]:
+        """(topic, key, value) of the record that commits `cursor`."""
+        return self.topic, self.feed.encode("utf-8"), _cursor_json(self.feed, cursor).encode()
+
+    def committed(self, cursor: int) -> None:
+        """Remember a cursor whose record was committed by someone else (a transaction)."""
+        self._cursor = cursor
+
+    def load(self) -> int:
+        if self._cursor is None:
+            self._cursor = self._read()
+        return self._cursor
+
+    def forget(self) -> None:
+        """Drop the cached cursor: the next `load()` reads it back from Kafka."""
+        self._cursor = None
+
+    def commit(self, cursor: int) -> None:
+        if self._producer is None:
+            self._producer = _cursor_producer(self.bootstrap_servers, self._client_config)
+        _produce_and_wait(self._producer, self.message(cursor), self.timeout_s)
+        self._cursor = cursor
+
+    def _read(self) -> int:
+        value = _read_latest(
+            self.bootstrap_servers, self._client_config, self.topic, self.feed, self.timeout_s
+        )
+        return self.initial if value is None else _parse_cursor(value, self.topic)
+
+
+def _cursor_producer(bootstrap_servers: str, client_config: Mapping[str, str]) -> Producer:
+    config = {**client_config, "bootstrap.servers": bootstrap_servers}
+    config.update({"enable.idempotence": "true", "acks": "all"})
+    return Producer(config)
+
+
+def _produce_and_wait(
+    producer: Producer, message: tuple[str, bytes, bytes], timeout_s: float
+) -> None:
+    """Produce one cursor record and wait for Kafka to confirm it."""
+    errors: list[KafkaError] = []
+
+    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            errors.append(err)
+
+    topic, key, value = message
+    try:
+        producer.produce(topic, value, key, on_delivery=on_delivery)
+    except KafkaException as exc:
+        raise DeliveryError(f"cursor not committed to {topic}: {exc.args[0].str()}") from exc
+    if producer.flush(timeout_s) or errors:
+        reason = errors[0].str() if errors else f"no answer within {timeout_s:g} s"
+        raise DeliveryError(f"cursor not committed to {topic}: {reason}")
+
+
+def _read_latest(
+    bootstrap_servers: str,
+    client_config: Mapping[str, str],
+    topic_name: str,
+    key: str,
+    timeout_s: float,
+) -> bytes | None:
+    """The value of the latest committed record with `key` in the cursor topic, if any."""
+    config = {
+        **client_config,
+        "bootstrap.servers": bootstrap_servers,
+        "group.id": f"cdr-streamer-cursor-{uuid.uuid4().hex}",  # never commits offsets
+        "enable.auto.commit": "false",
+        "isolation.level": "read_committed",
+        "enable.partition.eof": "true",
+    }
+    wanted = key.encode("utf-8")
+    consumer = Consumer(config)
+    try:
+        return _read_to_end(consumer, config, topic_name, wanted, timeout_s)
+    except KafkaException as exc:  # e.g. the broker unreachable: retriable, cursor unknown
+        raise DeliveryError(f"cannot read cursor topic {topic_name}: {exc.args[0].str()}") from exc
+    finally:
+        consumer.close()
+
+
+def _read_to_end(
+    consumer: Consumer,
+    config: Mapping[str, str],
+    topic_name: str,
+    wanted: bytes,
+    timeout_s: float,
+) -> bytes | None:
+    """Read every partition of the cursor topic to its end; the last value of `wanted`."""
+    metadata = consumer.list_topics(topic_name, timeout=timeout_s)
+    topic = metadata.topics.get(topic_name)
+    if topic is None or topic.error is not None:
+        raise TopicError(f"cursor topic {topic_name} does not exist")
+    partitions = list(topic.partitions)
+    consumer.assign([TopicPartition(topic_name, p, OFFSET_BEGINNING) for p in partitions])
+    at_end: dict[int, int] = {}  # partition -> the offset its EOF was reported at
+    latest: bytes | None = None
+    deadline = time.monotonic() + timeout_s
+    # Read to the end of every partition (for read_committed: its last stable offset).
+    while len(at_end) < len(partitions):
+        if time.monotonic() > deadline:
+            raise DeliveryError(f"cursor topic {topic_name} not read to its end in {timeout_s:g} s")
+        msg = consumer.poll(1.0)
+        if msg is None:
+            continue
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                at_end[msg.partition() or 0] = msg.offset() or 0
+                continue
+            raise DeliveryError(f"cannot read cursor topic {topic_name}: {err.str()}")
+        at_end.pop(msg.partition() or 0, None)
+        if msg.key() == wanted and msg.value() is not None:
+            latest = msg.value()
+    # read_committed stops at the last stable offset. Below the high watermark it
+    # means another feed's transaction is still open there, and a newer cursor of
+    # ours may sit behind it: better to retry than to start from an old cursor.
+    # (The EOF comes with that offset; position() is undefined when nothing was read.
+    # The high watermark must be asked as read_uncommitted: a read_committed client is
+    # told the last stable offset instead.)
+    probe = Consumer({**config, "isolation.level": "read_uncommitted"})
+    try:
+        highs = {
+            p: probe.get_watermark_offsets(TopicPartition(topic_name, p), timeout=timeout_s)[1]
+            for p in at_end
+        }
+    finally:
+        probe.close()
+    for partition, eof_offset in at_end.items():
+        if eof_offset < highs[partition]:
+            raise DeliveryError(
+                f"cursor topic {topic_name} has an open transaction at offset {eof_offset}; "
+                "reading the cursor again once it ends"
+            )
+    return latest
+
+
+def _cursor_json(feed: str, cursor: int) -> str:
+    return json.dumps(
+        {
+            "feed": feed,
+            "cursor": cursor,
+            "committed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
+
+
+def _parse_cursor(value: bytes, where: str) -> int:
+    try:
+        cursor = json.loads(value)["cursor"]
+        if not isinstance(cursor, int) or cursor < 0:
+            raise ValueError(cursor)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"unreadable cursor record in {where}: {exc!r}") from None
+    return cursor
+
+
+class JsonFileCursorStore:
+    """A cursor that is a JSON object (the SFTP collector's), in a file replaced atomically.
+
+    `owner` names the source ("sftp:NAME"); a file written for another owner is refused.
+    """
+
+    def __init__(self, path: Path, owner: str) -> None:
+        self.path = path
+        self.owner = owner
+
+    def __repr__(self) -> str:
+        return f"JsonFileCursorStore({str(self.path)!r})"
+
+    def load(self) -> dict[str, Any] | None:
+        """The committed cursor, or None when nothing was committed yet."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigError(f"cannot read cursor file {self.path}: {exc.strerror}") from None
+        return _parse_document(text.encode("utf-8"), self.owner, f"cursor file {self.path}")
+
+    def commit(self, value: Mapping[str, Any]) -> None:
+        try:
+            write_atomically(self.path, _document_json(self.owner, value) + "\n")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write cursor file {self.path}: {exc.strerror}; "
+                "check cursor_file and the directory's permissions"
+            ) from None
+
+
+class JsonKafkaCursorStore:
+    """A JSON-object cursor as the latest record keyed by `owner` in the compacted cursor topic.
+
+    Like `KafkaCursorStore`: `message()` rides in the pipeline's transaction in
+    exactly-once mode, `committed()` follows; otherwise `commit()` waits on its own.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic: str,
+        owner: str,
+        *,
+        client_config: Mapping[str, str] | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.owner = owner
+        self._client_config = dict(client_config or {})
+        self.timeout_s = timeout_s
+        self._loaded = False
+        self._value: dict[str, Any] | None = None
+        self._producer: Producer | None = None
+
+    def __repr__(self) -> str:
+        return f"JsonKafkaCursorStore(topic={self.topic!r}, key={self.owner!r})"
+
+    def load(self) -> dict[str, Any] | None:
+        if not self._loaded:
+            raw = _read_latest(
+                self.bootstrap_servers, self._client_config, self.topic, self.owner, self.timeout_s
+            )
+            where = f"cursor topic {self.topic}"
+            self._value = None if raw is None else _parse_document(raw, self.owner, where)
+            self._loaded = True
+        return self._value
+
+    def message(self, value: Mapping[str, Any]) -> tuple[str, bytes, bytes]:
+        """(topic, key, value) of the record that commits `value`."""
+        return self.topic, self.owner.encode("utf-8"), _document_json(self.owner, value).encode()
+
+    def committed(self, value: Mapping[str, Any]) -> None:
+        """Remember a cursor whose record was committed by a transaction."""
+        self._value = dict(value)
+        self._loaded = True
+
+    def commit(self, value: Mapping[str, Any]) -> None:
+        if self._producer is None:
+            self._producer = _cursor_producer(self.bootstrap_servers, self._client_config)
+        _produce_and_wait(self._producer, self.message(value), self.timeout_s)
+        self.committed(value)
+
+
+def _document_json(owner: str, value: Mapping[str, Any]) -> str:
+    return json.dumps(
+        {
+            "owner": owner,
+            **value,
+            "committed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+        separators=(",", ":"),
+    )
+
+
+def _parse_document(raw: bytes, owner: str, where: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        # Guessing a cursor could skip or replay files: stop and ask.
+        raise ConfigError(f"{where} is unreadable ({exc!r}); fix it or remove it") from None
+    if data.get("owner") != owner:
+        raise ConfigError(f"{where} belongs to {data.get('owner')!r}, not {owner!r}")
+    return data

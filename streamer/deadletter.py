@@ -15,10 +15,17 @@ DEAD_LETTER_VERSION = 1
 
 
 def encode_dead_letter(
-    rejection: Rejection, *, feed: str, source: str, fromid: int, now: datetime | None = None
+    rejection: Rejection,
+    *,
+    feed: str,
+    source: str,
+    fromid: int,
+    file: str | None = None,
+    now: datetime | None = None,
 ) -> bytes:
-    """One dead-letter value (UTF-8 JSON)."""
+    """One dead-letter value (UTF-8 JSON); `file` (the SFTP file's name) only when given."""
     when = now or datetime.now(UTC)
+    extra = {} if file is None else {"file": file}
     return json.dumps(
         {
             "version": DEAD_LETTER_VERSION,
@@ -30,6 +37,7 @@ def encode_dead_letter(
             "source": source,
             "fromid": fromid,
             "rejected_at": when.isoformat(timespec="milliseconds"),
+            **extra,
         },
         ensure_ascii=False,
     ).encode("utf-8")

@@ -7,10 +7,14 @@
     |   +-- FeedRequestError          a 4xx other than 429: the request itself is wrong
     |   +-- TopicError                a topic is missing and cannot be made, or unsuitable
     |   +-- FencedError               another instance took over our transactional id
+    |   +-- RegistryError             the schema registry refused our credentials or schema
+    |   +-- HostKeyError              the SFTP server's host key is unknown or does not match
     +-- RetriableError                back off, leave the cursor where it is, try again
         +-- FeedUnavailableError      connection trouble, timeout, 5xx, 429
         +-- BadResponseError          a body that is not a feed response (HTML, truncated...)
         +-- DeliveryError             Kafka did not confirm an event
+        +-- RegistryUnavailableError  the schema registry is unreachable, 5xx or 429
+        +-- SftpUnavailableError      the SFTP server is unreachable, times out or drops us
 
 A single bad *row* is not an exception: it becomes a `records.Rejection`, goes to
 the dead-letter topic and is counted (the "skippable" class of errors).
@@ -47,6 +51,14 @@ class FencedError(FatalError):
     """Another instance with the same transactional id has fenced this one."""
 
 
+class RegistryError(FatalError):
+    """The schema registry refused the credentials, or the schema (incompatible, unregistered)."""
+
+
+class HostKeyError(FatalError):
+    """The SFTP server's host key is not in known_hosts, or differs from the one there."""
+
+
 class RetriableError(StreamerError):
     """A passing fault: back off and try again from the committed cursor."""
 
@@ -73,4 +85,24 @@ class BadResponseError(RetriableError):
 
 
 class DeliveryError(RetriableError):
-    """Kafka did not confirm delivery of an event (or a dead letter)."""
+    """Kafka did not confirm delivery of an event (or a dead letter).
+
+    `needs_new_producer` is set after a fatal librdkafka error: that producer
+    instance can never send again, so the next attempt must build a new one.
+    """
+
+    def __init__(self, message: str, *, needs_new_producer: bool = False) -> None:
+        super().__init__(message)
+        self.needs_new_producer = needs_new_producer
+
+
+class RegistryUnavailableError(RetriableError):
+    """The schema registry could not be reached, or answered 5xx / 429."""
+
+
+class SftpUnavailableError(RetriableError):
+    """The SFTP server could not be reached, timed out, or closed the connection."""
+
+    def __init__(self, message: str, *, kind: str = "connection_error") -> None:
+        super().__init__(message)
+        self.kind = kind  # bounded metric label: connection_error, timeout

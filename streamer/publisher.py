@@ -1,22 +1,31 @@
-"""The Kafka side: topic provisioning, the producer, delivery reports, flush.
+"""The Kafka side: topic provisioning, the producer, delivery reports, flush, transactions.
 
-Delivery reports arrive on librdkafka's thread through `poll()`/`flush()`. The
-callback only counts and latches the first error (callbacks never raise);
-`flush()` raises it, so the caller never commits a cursor over an unconfirmed event.
+Delivery reports arrive through `poll()`/`flush()`. The callbacks only count and
+latch the first error (callbacks never raise); `flush()` and `commit()` raise it,
+so the caller never commits a cursor over an unconfirmed event.
+
+librdkafka's error classes decide what happens next (see its INTRODUCTION.md):
+a *fatal* error (e.g. the idempotent producer lost its sequence) makes this
+producer instance useless, so `DeliveryError(needs_new_producer=True)`; a
+*fenced* transactional producer means another instance took over the feed, so
+`FencedError`, which stops the feed; anything else is retriable.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
+
+# These two are not re-exported by confluent_kafka.admin's typed interface.
 from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.cimpl import NewTopic
 
-from streamer.errors import DeliveryError, TopicError
+from streamer.errors import DeliveryError, FencedError, TopicError
 
 log = logging.getLogger(__name__)
 _librdkafka_log = logging.getLogger("librdkafka")
@@ -34,7 +43,17 @@ DEFAULT_PRODUCER_CONFIG: dict[str, str] = {
     "linger.ms": "20",
     "batch.num.messages": "10000",
     "queue.buffering.max.kbytes": "65536",  # bounds memory: produce() waits when full
+    # A transaction (a checkpoint's batch, or a whole response without ids_ascending) must
+    # commit within this, or the broker aborts it and fences us. 15 min is the broker's
+    # default transaction.max.timeout.ms.
+    "transaction.timeout.ms": "900000",
+    "statistics.interval.ms": "15000",  # librdkafka's statistics -> stats_cb -> metrics
 }
+# Delivery reports of messages an abort purged: expected, not a failure of the next batch.
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+_FENCED_CODES = frozenset(
+    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+)
 
 
 def producer_config(
@@ -49,15 +68,96 @@ def producer_config(
 
 
 class Publisher:
-    """Produces events and dead letters, and tells whether all of them were confirmed."""
+    """Produces events and dead letters, and tells whether all of them were confirmed.
 
-    def __init__(self, config: Mapping[str, str]) -> None:
-        self._config = dict(config)
-        # librdkafka's own log lines go through logging, not straight to stderr.
-        self._producer = Producer(self._config, logger=_librdkafka_log)
+    With a `transactional_id` every batch is a Kafka transaction: `begin()`, produce,
+    `commit()`; a read_committed consumer sees all of it or none of it.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, str],
+        *,
+        transactional_id: str | None = None,
+        stats_cb: Callable[[str], None] | None = None,
+        init_timeout_s: float = 60.0,
+    ) -> None:
+        settings: dict[str, Any] = dict(config)
+        settings["error_cb"] = self._on_error
+        if stats_cb is not None:
+            settings["stats_cb"] = stats_cb
+        if transactional_id:
+            settings["transactional.id"] = transactional_id
+        self.transactional_id = transactional_id
         self.delivered = 0
         self.failed = 0
         self._first_error: KafkaError | None = None
+        self._fatal: KafkaError | None = None
+        self._aborted_badly = False
+        self.in_transaction = False
+        # librdkafka's own log lines go through logging, not straight to stderr.
+        self._producer = Producer(settings, logger=_librdkafka_log)
+        if transactional_id:
+            # Fences any older instance with this id and aborts its open transaction.
+            self._call("initialise transactions", self._producer.init_transactions, init_timeout_s)
+
+    def _on_error(self, err: KafkaError) -> None:
+        # Client-level errors: most are transient (a broker down) and librdkafka retries
+        # them itself, logging each attempt through the "librdkafka" logger already.
+        if err.fatal():
+            if self._fatal is None:
+                self._fatal = err
+            log.error("Kafka producer failed for good: %s", err.str())
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            log.warning("Kafka: all brokers are down; events wait in the producer's queue")
+        else:
+            log.debug("Kafka: %s", err.str())
+
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is None:
+            self.delivered += 1
+            return
+        if err.code() in _PURGED:
+            return
+        self.failed += 1
+        if self._first_error is None:
+            self._first_error = err
+
+    def _error(self, action: str, err: KafkaError) -> Exception:
+        """Our error for a librdkafka error."""
+        if err.code() == KafkaError._FATAL and self._fatal is None:
+            # The generic "fatal" code: the error callback says why (fenced or not).
+            # Serve it now, or a fenced instance would rebuild its producer and fence back.
+            self._producer.poll(0)
+        if err.code() == KafkaError._FATAL and self._fatal is not None:
+            err = self._fatal
+        if err.code() in _FENCED_CODES and self.transactional_id:
+            return FencedError(
+                f"Kafka fenced transactional id {self.transactional_id!r}: another cdr-streamer "
+                "took over this feed (only one instance may run per feed), or a transaction "
+                "outlived transaction.timeout.ms; this one stops"
+            )
+        fatal = err.fatal() or not self.usable
+        return DeliveryError(f"Kafka could not {action}: {err.str()}", needs_new_producer=fatal)
+
+    def _call(self, action: str, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except KafkaException as exc:
+            raise self._error(action, exc.args[0]) from exc
+
+    def _check_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._error("continue", self._fatal)
+        if self._aborted_badly:
+            raise DeliveryError(
+                "the Kafka producer could not abort its transaction", needs_new_producer=True
+            )
+
+    @property
+    def usable(self) -> bool:
+        """False once this producer must be replaced (a fatal error or a failed abort)."""
+        return self._fatal is None and not self._aborted_badly
 
     def produce(
         self,
@@ -69,6 +169,10 @@ class Publisher:
         headers: list[tuple[str, str | bytes | None]] | None = None,
     ) -> None:
         """Queue one message; waits (serving delivery reports) while librdkafka's queue is full."""
+        if self.transactional_id and not self.in_transaction:
+            self._check_fatal()
+            self._call("begin a transaction", self._producer.begin_transaction)
+            self.in_transaction = True
         while True:
             try:
                 self._producer.produce(
@@ -82,41 +186,102 @@ class Publisher:
                 break
             except BufferError:
                 self._producer.poll(0.1)
+                self._check_fatal()
             except KafkaException as exc:
-                raise DeliveryError(f"cannot produce to {topic}: {exc.args[0]}") from exc
+                raise self._error(f"produce to {topic}", exc.args[0]) from exc
         self._producer.poll(0)
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
-        if err is None:
-            self.delivered += 1
-            return
-        self.failed += 1
-        if self._first_error is None:
-            self._first_error = err
-
     def flush(self, timeout_s: float) -> None:
-        """Wait for every queued message's delivery report; raise if any failed or is missing."""
+        """Wait for every queued message's delivery report; raise if any failed or is missing.
+
+        In a transaction, commit it: Kafka then confirms the whole batch at once.
+        """
+        if self.in_transaction:
+            self._commit(timeout_s)
+            return
         deadline = time.monotonic() + timeout_s
         remaining = len(self._producer)
         while remaining and time.monotonic() < deadline:
             remaining = self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic())))
+        self._check_fatal()
         error, self._first_error = self._first_error, None
         if error is not None:
-            raise DeliveryError(f"Kafka did not confirm delivery: {error.str()}")
+            raise self._error("confirm delivery", error)
         if remaining:
             raise DeliveryError(
                 f"{remaining} events still unconfirmed after {timeout_s:g} s: "
                 "is the broker reachable?"
             )
 
+    def _commit(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._producer.commit_transaction(max(1.0, deadline - time.monotonic()))
+                break
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                # librdkafka: a retriable commit error (e.g. its flush timed out) leaves the
+                # transaction committing; calling commit again is the documented way on.
+                if err.retriable() and not err.txn_requires_abort():
+                    if time.monotonic() < deadline:
+                        continue
+                    # Out of time in the middle of a commit: only a new producer can
+                    # tell (by fencing this one) how it ended; the cursor is read back.
+                    self.in_transaction = False
+                    raise DeliveryError(
+                        f"Kafka did not finish committing the transaction in {timeout_s:g} s",
+                        needs_new_producer=True,
+                    ) from exc
+                if err.txn_requires_abort():
+                    self.abort(timeout_s)
+                else:
+                    self.in_transaction = False
+                raise self._error("commit the transaction", err) from exc
+        self.in_transaction = False
+        error, self._first_error = self._first_error, None
+        if error is not None:  # cannot happen after a successful commit; kept as a guard
+            raise self._error("confirm delivery", error)
+
+    def abort(self, timeout_s: float = 30.0) -> None:
+        """Abort the open transaction (if any); its messages stay invisible to read_committed."""
+        if not self.in_transaction:
+            return
+        self.in_transaction = False
+        try:
+            self._producer.abort_transaction(timeout_s)
+        except KafkaException as exc:
+            # A fenced or fatal producer cannot abort (its transaction times out on the
+            # broker); any other failure leaves librdkafka in a state we cannot continue
+            # from. Either way this producer is done: the next poll builds a new one.
+            log.warning("could not abort the transaction: %s", exc.args[0].str())
+            self._aborted_badly = True
+        # Cleared after the abort: it hands back the purged messages' delivery reports.
+        self._first_error = None
+
     @property
     def in_flight(self) -> int:
         """Messages queued or sent but not yet confirmed."""
         return len(self._producer)
 
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Serve pending callbacks (delivery reports, statistics); safe from another thread."""
+        self._producer.poll(timeout_s)
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Give queued messages a last chance; whatever is unconfirmed is not committed anyway."""
-        self._producer.flush(timeout_s)
+        if self.in_transaction:
+            self.abort(timeout_s)
+            return
+        if self._fatal is not None:
+            return  # a fatal (e.g. fenced) producer can deliver nothing more
+        try:
+            self._producer.flush(timeout_s)
+        except (KafkaException, SystemError) as exc:
+            # Closing must not turn one error into two. A producer that turned fatal
+            # since the last check raises from inside librdkafka's callback path, which
+            # Python reports as SystemError.
+            log.warning("Kafka producer closed with an error: %s", exc)
 
 
 def provision_topic(
@@ -126,26 +291,32 @@ def provision_topic(
     partitions: int,
     replication_factor: int,
     min_insync_replicas: int,
+    compacted: bool = False,
+    retention_ms: int = -1,
     timeout_s: float = 30.0,
 ) -> None:
-    """Create the topic if missing; refuse one that exists but would not keep events."""
+    """Create the topic if missing; refuse one that exists with the wrong cleanup policy.
+
+    Event topics must not be compacted (only the last event per AccountCode would
+    survive); the cursor topic must be (only the last cursor per feed matters).
+    """
     metadata = admin.list_topics(timeout=timeout_s)
     if name not in metadata.topics or metadata.topics[name].error is not None:
+        config = {"min.insync.replicas": str(min_insync_replicas)}
+        if compacted:
+            config["cleanup.policy"] = "compact"
+        else:
+            config["retention.ms"] = str(retention_ms)
         topic = NewTopic(
-            name,
-            num_partitions=partitions,
-            replication_factor=replication_factor,
-            config={"min.insync.replicas": str(min_insync_replicas)},
+            name, num_partitions=partitions, replication_factor=replication_factor, config=config
         )
         future = admin.create_topics([topic], request_timeout=timeout_s)[name]
         try:
             future.result()
             log.info(
-                "created topic %s (%d partitions, replication %d)",
-                name,
-                partitions,
-                replication_factor,
-            )
+                "created topic %s (%d partitions, replication %d%s)",
+                name, partitions, replication_factor, ", compacted" if compacted else "",
+            )  # fmt: skip
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise TopicError(f"cannot create topic {name}: {exc.args[0].str()}") from exc
@@ -153,8 +324,35 @@ def provision_topic(
     resource = ConfigResource(ConfigResource.Type.TOPIC, name)
     configs = admin.describe_configs([resource], request_timeout=timeout_s)[resource].result()
     policy = configs["cleanup.policy"].value if "cleanup.policy" in configs else "delete"
-    if "compact" in (policy or ""):
+    is_compacted = "compact" in (policy or "")
+    if is_compacted and not compacted:
         raise TopicError(
             f"topic {name} has cleanup.policy={policy}: compaction would keep only the last "
             "event per AccountCode. Use another topic, or set cleanup.policy=delete"
+        )
+    if not compacted:
+        _warn_about_time(name, configs)
+    if compacted and not is_compacted:
+        raise TopicError(
+            f"cursor topic {name} has cleanup.policy={policy}: it must be compacted "
+            "(cleanup.policy=compact), or it grows forever"
+        )
+
+
+def _warn_about_time(name: str, configs: Mapping[str, Any]) -> None:
+    """An existing event topic whose time settings fight event-time timestamps."""
+    retention = configs["retention.ms"].value if "retention.ms" in configs else "-1"
+    if retention not in (None, "-1"):
+        log.warning(
+            "topic %s has retention.ms=%s: events carry the call's time as their timestamp, "
+            "so CDRs older than that (a first sync, a backfill) are deleted soon after they "
+            "are published; consider retention.ms=-1 or a longer retention",
+            name, retention,
+        )  # fmt: skip
+    kind = configs["message.timestamp.type"].value if "message.timestamp.type" in configs else ""
+    if kind == "LogAppendTime":
+        log.warning(
+            "topic %s has message.timestamp.type=LogAppendTime: the broker replaces each "
+            "event's timestamp (the call's UTCDateTime) with the time it was appended",
+            name,
         )

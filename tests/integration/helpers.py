@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +21,7 @@ from uuid import uuid4
 
 import fastavro
 import fastavro.schema
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "schemas" / "cdr.avsc"
@@ -51,37 +51,38 @@ def decode_event(data: bytes, schema: Any) -> dict[str, Any]:
 
 
 def read_topic(bootstrap: str, topic: str, *, timeout_s: float = 60.0) -> list[Any]:
-    """Every message in `topic` now, read to the end offsets taken at the start."""
+    """Every message in `topic` now (read_committed), read until each partition says EOF.
+
+    Not "until the high watermark": a transaction's commit marker takes the last
+    offset and is never delivered as a message.
+    """
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": f"test-{uuid4().hex[:8]}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
+            "enable.partition.eof": True,
             "isolation.level": "read_committed",
         }
     )
     try:
         metadata = consumer.list_topics(topic, timeout=30)
-        partitions = [TopicPartition(topic, p) for p in metadata.topics[topic].partitions]
-        ends = {
-            tp.partition: consumer.get_watermark_offsets(tp, timeout=30)[1] for tp in partitions
-        }
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        partitions = list(metadata.topics[topic].partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         messages: list[Any] = []
-        positions = dict.fromkeys(ends, 0)
+        at_end: set[int] = set()
         deadline = time.monotonic() + timeout_s
-        while any(positions[p] < ends[p] for p in ends):
-            assert time.monotonic() < deadline, (
-                f"timed out reading {topic}: at {positions}, ends {ends}"
-            )
+        while len(at_end) < len(partitions):
+            assert time.monotonic() < deadline, f"timed out reading {topic}: at end {at_end}"
             msg = consumer.poll(1.0)
             if msg is None:
                 continue
             if msg.error():
                 assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
+                at_end.add(msg.partition())
                 continue
-            positions[msg.partition()] = msg.offset() + 1
+            at_end.discard(msg.partition())
             messages.append(msg)
         return messages
     finally:
@@ -136,9 +137,15 @@ def assert_matches_source(value: Mapping[str, Any], source: Mapping[str, str]) -
 
 
 def write_config(
-    path: Path, *, bootstrap: str, topic: str, feeds: list[dict[str, Any]], **kafka: Any
+    path: Path,
+    *,
+    bootstrap: str,
+    topic: str,
+    feeds: list[dict[str, Any]],
+    sftp: list[dict[str, Any]] | None = None,
+    **kafka: Any,
 ) -> Path:
-    """A streamer configuration file (TOML) for one test."""
+    """A streamer configuration file (TOML) for one test; `sftp`: its [[sftp]] tables."""
     lines = [
         "[kafka]",
         f'bootstrap_servers = "{bootstrap}"',
@@ -151,6 +158,9 @@ def write_config(
     for feed in feeds:
         lines.append("[[feeds]]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in feed.items()]
+    for source in sftp or []:
+        lines.append("[[sftp]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in source.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -168,3 +178,72 @@ def run_streamer(
         check=False,
         cwd=REPO_ROOT,
     )
+
+
+def read_dead_letters(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+    """The JSON values of the dead-letter topic `<topic>-dlq` (as write_config names it)."""
+    return [json.loads(msg.value()) for msg in read_topic(bootstrap, f"{topic}-dlq")]
+
+
+def read_cursor(path: Path) -> int | None:
+    """The cursor a FileCursorStore committed, or None if it never wrote the file."""
+    try:
+        cursor: int = json.loads(path.read_text())["cursor"]
+    except FileNotFoundError:
+        return None
+    return cursor
+
+
+def wait_until(condition: Callable[[], bool], what: str, *, timeout_s: float = 60.0) -> None:
+    """Return as soon as `condition()` holds; fail with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
+        time.sleep(0.05)  # the polling period of the check, not a guess at how long it takes
+
+
+def read_cursor_topic(bootstrap: str, topic: str, feed: str) -> int | None:
+    """The latest committed cursor of `feed` in a compacted cursor topic (read_committed)."""
+    latest = None
+    for msg in read_topic(bootstrap, topic):
+        if msg.key() == feed.encode():
+            latest = json.loads(msg.value())["cursor"]
+    return latest
+
+
+class StreamerProcess:
+    """`cdr-streamer run` in the background, its output in a log file."""
+
+    def __init__(self, config: Path, log_path: Path, *args: str) -> None:
+        self.log_path = log_path
+        with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streamer", "run", "--config", str(config), *args],
+                env={**os.environ, "CDR_FEED_PASSWORD": FEED_PASSWORD},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
+        """Wait until `condition()` holds, failing with the log if the process dies first."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert self.proc.poll() is None, (
+                f"streamer exited ({self.proc.returncode}):\n{self.log()[-3000:]}"
+            )
+            assert time.monotonic() < deadline, (
+                f"timed out waiting for {what}:\n{self.log()[-3000:]}"
+            )
+            time.sleep(0.2)  # polling interval of the condition above
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: no cleanup, no flush
+        self.proc.wait(30)
+
+    def stop(self, timeout_s: float = 60) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout_s)

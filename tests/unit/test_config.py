@@ -106,3 +106,30 @@ def test_load_settings_reports_bad_toml(tmp_path: Path) -> None:
         load_settings(path, env={})
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.toml", env={})
+
+
+def test_credentials_in_the_url_refused_without_repeating_them() -> None:
+    feed = {**FEED, "url": "https://81234567:Monkey123@portal.example.net/billingfeed.php"}
+    with pytest.raises(ConfigError, match="must not contain credentials") as info:
+        parse_settings(settings_of(feed), env={"CDR_FEED_PASSWORD": "x"})
+    assert "Monkey123" not in str(info.value)
+
+
+def test_non_finite_numbers_refused() -> None:
+    with pytest.raises(ConfigError, match="finite"):
+        parse_settings(
+            settings_of({**FEED, "poll_interval_s": float("nan")}), env={"CDR_FEED_PASSWORD": "x"}
+        )
+
+
+def test_retention_minus_one_is_allowed_explicitly() -> None:
+    s = parse_settings(settings_of(FEED, retention_ms=-1), env={"CDR_FEED_PASSWORD": "x"})
+    assert s.kafka.retention_ms == -1
+
+
+def test_producer_secrets_stay_out_of_repr() -> None:
+    s = parse_settings(
+        settings_of(FEED, producer={"sasl.password": "kafka-secret"}),
+        env={"CDR_FEED_PASSWORD": "x"},
+    )
+    assert "kafka-secret" not in repr(s)
