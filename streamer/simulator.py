@@ -13,6 +13,7 @@ that tests and demos can switch, and faults are injectable one request at a time
 
 from __future__ import annotations
 
+import array
 import bisect
 import csv
 import hashlib
@@ -37,6 +38,7 @@ from datetime import UTC, date, datetime, timedelta
 from datetime import time as time_of_day
 from decimal import ROUND_HALF_UP, Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, cast, get_args
 from urllib.parse import parse_qsl, urlsplit
@@ -73,6 +75,8 @@ DateTimeStyle = Literal["space", "iso_t", "iso_z", "offset", "nz"]
 EmptyStyle = Literal["empty", "header"]
 AuthFailureStyle = Literal["text200", "401", "403"]
 Transfer = Literal["auto", "chunked", "length", "close"]
+# "none", or the format whose responses are rendered once, at start, and then served from memory.
+Prerender = Literal["none", "csv", "txt", "pipe", "json"]
 
 _MONEY = Decimal("0.0001")
 _GST = Decimal("1.15")
@@ -103,6 +107,9 @@ class SimulatorConfig:
     jitter_s: int = 20  # each CDR's time is off its slot by up to this many seconds either way
     accounts: int = 50
     malformed_rate: float = 0.0  # share of IDs whose row is always written broken
+    # An exchange fault: every call from this ID on ends Busy or Unallocated (0: never).
+    # For demos and tests of the error-Status metrics and alert; lower IDs are unchanged.
+    status_fault_from_id: int = 0
     # Output variants
     max_rows: int | None = None  # provider page cap; None: every matching row
     header: bool = True  # delimited formats only
@@ -118,6 +125,9 @@ class SimulatorConfig:
     auth_failure_style: AuthFailureStyle = "text200"
     transfer: Transfer = "auto"  # auto: Content-Length for one batch, chunked beyond
     batch_rows: int = 1000  # rows rendered and written to the socket at a time
+    # Benchmarks: render the backlog once, at start, in this format, and serve plain requests
+    # (no date or call/service filter, no shuffling, no body fault) from memory.
+    prerender: Prerender = "none"
     # Faults, drawn per request from a seeded dice (inject() queues deterministic ones)
     latency_s: float = 0.0
     error_rate: float = 0.0  # 500 and 503 alternately
@@ -142,6 +152,7 @@ class SimulatorConfig:
         check(self.mean_gap_s > 0, "mean_gap_s must be > 0")
         check(self.jitter_s >= 0, "jitter_s must be >= 0")
         check(self.accounts >= 2, "accounts must be >= 2")
+        check(self.status_fault_from_id >= 0, "status_fault_from_id must be >= 0")
         check(self.max_rows is None or self.max_rows >= 1, "max_rows must be None or >= 1")
         check(self.batch_rows >= 1, "batch_rows must be >= 1")
         check(self.line_ending in ("\n", "\r\n"), "line_ending must be '\\n' or '\\r\\n'")
@@ -151,6 +162,7 @@ class SimulatorConfig:
             ("empty_style", EmptyStyle),
             ("auth_failure_style", AuthFailureStyle),
             ("transfer", Transfer),
+            ("prerender", Prerender),
         ):
             choices = get_args(allowed)
             check(getattr(self, name) in choices, f"{name} must be one of {', '.join(choices)}")
@@ -331,6 +343,7 @@ class CdrGenerator:
         jitter_s: int = 20,
         accounts: int = 50,
         malformed_rate: float = 0.0,
+        status_fault_from_id: int = 0,
     ) -> None:
         if start.tzinfo is None:
             raise ValueError("start must be timezone-aware")
@@ -341,6 +354,7 @@ class CdrGenerator:
         self._gap = mean_gap_s
         self._jitter = jitter_s
         self._malformed_rate = malformed_rate
+        self._status_fault_from = status_fault_from_id
         digest = hashlib.sha256(f"cdr-streamer rows {seed}".encode()).digest()
         # Random(int) seeds from every bit of the int: (key << 64 | id) is one stream per row.
         self._row_key = int.from_bytes(digest[:8], "big") << 64
@@ -377,7 +391,7 @@ class CdrGenerator:
         if rng.random() < 0.05:
             usage = self._service(rng, account, bill_date)
         else:
-            usage = self._call(rng, account)
+            usage = self._call(rng, account, failing=0 < self._status_fault_from <= cdr_id)
         # GST on the rounded amount, so that Charge == round(ChargeExcl * 1.15) holds on the wire
         charge_excl = usage.charge_excl.quantize(_MONEY, rounding=ROUND_HALF_UP)
         return {
@@ -452,7 +466,7 @@ class CdrGenerator:
             return rng.choice(_MOBILE)[0] + _digits(rng, 7)
         return _landline(rng, rng.choice(_NATIONAL)[0])
 
-    def _call(self, rng: random.Random, account: Account) -> _Usage:
+    def _call(self, rng: random.Random, account: Account, *, failing: bool = False) -> _Usage:
         call_type = _CALL_TYPES[_pick(rng, _CALL_TYPE_CUM)][0]
         if call_type == "0800" and not account.freephone:
             call_type = "Local"
@@ -460,6 +474,8 @@ class CdrGenerator:
             status, cause = "Ok", "0016"
         else:
             status, cause, _ = _STATUSES[_pick(rng, _STATUS_CUM)]
+            if failing:  # status_fault_from_id; the extra draw only shifts rows of the fault
+                status, cause = ("Busy", "0017") if rng.random() < 0.5 else ("Unallocated", "0001")
         own = rng.choice(account.lines + account.mobiles)
         direction, a_party, bill_number = "outbound", own, own
         rate = _PER_MINUTE_RATE.get(call_type, _ZERO)
@@ -707,6 +723,7 @@ class _Part:
     pieces: list[bytes]
     trailer: bytes
     last: bool
+    rows: int  # rows rendered in this part
 
     def data(self) -> bytes:
         return b"".join(self.pieces) + self.trailer
@@ -720,6 +737,53 @@ class _Part:
 @dataclass(slots=True)
 class _Counter:
     rows: int = 0
+
+
+class _Prerendered:
+    """The backlog's rows rendered once in one format, served as slices of one buffer.
+
+    `body` holds every row of IDs 1..high_id in order, each as the feed writes it after
+    another row (in JSON with its leading separator, which the first row of a response
+    leaves out); `starts[n - 1]` is where the row of ID n begins.
+    """
+
+    __slots__ = ("body", "fmt", "high_id", "renderer", "skip", "starts")
+
+    def __init__(self, fmt: str, config: SimulatorConfig, generator: CdrGenerator) -> None:
+        self.fmt = fmt
+        self.high_id = config.backlog
+        self.renderer = _Renderer(fmt, config)
+        if fmt != "json":
+            self.skip = 0
+        else:
+            self.skip = len(b"," if config.json_pretty else ("," + config.line_ending).encode())
+        body = bytearray()
+        starts = array.array("q")
+        row, wire_row = self.renderer.row, generator.wire_row
+        for cdr_id in range(1, self.high_id + 1):
+            starts.append(len(body))
+            body += row(wire_row(cdr_id), False)
+        starts.append(len(body))
+        self.body = bytes(body)
+        self.starts = starts
+
+    def serves(self, fmt: str, query: FeedQuery, store: FeedStore, config: SimulatorConfig) -> bool:
+        """True when this request's answer is a slice of the prerendered rows."""
+        plain = query.date is None and not (query.calls_only or query.services_only)
+        return (
+            fmt == self.fmt
+            and plain
+            and not config.unsorted
+            and store.high_id == self.high_id
+            and query.from_id < self.high_id
+        )
+
+    def response(self, from_id: int, max_rows: int | None) -> tuple[bytes, memoryview, bytes, int]:
+        """(preamble, rows, trailer, row count) of the answer to `fromid=from_id`."""
+        last = self.high_id if max_rows is None else min(self.high_id, from_id + max_rows)
+        begin = self.starts[from_id] + self.skip
+        rows = memoryview(self.body)[begin : self.starts[last]]
+        return self.renderer.preamble(), rows, self.renderer.trailer(), last - from_id
 
 
 _Selected = tuple[int, dict[str, str]]
@@ -745,8 +809,9 @@ class RequestRecord:
     password_in: tuple[str, ...]  # where a password was sent: "query" and/or "form"
     content_type: str
     status: int
-    rows: int
+    rows: int  # rows written, whole or (for a truncating fault) in part
     fault: str | None
+    received_at: float  # time.monotonic() when the request had been read
 
 
 class _BadRequestError(Exception):
@@ -810,6 +875,7 @@ _HTML_ERROR = (
 _HTML_TYPE = "text/html; charset=UTF-8"  # what a PHP script sends when it sets nothing
 _FORM_TYPE = "application/x-www-form-urlencoded"
 _MAX_FORM_BYTES = 1 << 20
+_PRERENDERED_CHUNK_BYTES = 1 << 18  # chunked transfer of a prerendered answer
 _REDACT = re.compile(r"(password=)[^&\s'\"]*", re.IGNORECASE)
 
 
@@ -889,6 +955,7 @@ class _Handler(BaseHTTPRequestHandler):
             status=0,
             rows=0,
             fault=None,
+            received_at=time.monotonic(),
         )
         try:
             if length < 0 or length > _MAX_FORM_BYTES:
@@ -937,6 +1004,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_text(400, str(exc), fault=fault)
             return
         body_fault = fault if fault in ("truncate", "truncate_chunked", "cut_last_line") else None
+        prerendered = sim.prerendered
+        if (
+            body_fault is None
+            and prerendered is not None
+            and prerendered.serves(fmt, query, sim.store, cfg)
+        ):
+            self._send_prerendered(prerendered, query, fault)
+            return
         self._send_feed(fmt, query, body_fault, fault)
 
     def _record(self, status: int, rows: int, fault: str | None) -> None:
@@ -982,13 +1057,14 @@ class _Handler(BaseHTTPRequestHandler):
         rendered = batches()
         current = next(rendered, None)
         if current is None:
-            yield _Part([renderer.empty()], b"", True)
+            yield _Part([renderer.empty()], b"", True, 0)
             return
-        pieces = [renderer.preamble(), *current]
+        # One batch ahead, so that the last part is known as the last (it gets the trailer).
+        pieces, rows = [renderer.preamble(), *current], len(current)
         for following in rendered:
-            yield _Part(pieces, b"", False)
-            pieces = following
-        yield _Part(pieces, renderer.trailer(), True)
+            yield _Part(pieces, b"", False, rows)
+            pieces, rows = following, len(following)
+        yield _Part(pieces, renderer.trailer(), True, rows)
 
     def _start(self, status: int, content_type: str, headers: dict[str, str]) -> None:
         self.send_response(status)
@@ -1010,7 +1086,8 @@ class _Handler(BaseHTTPRequestHandler):
             # Cut in the middle of a row of the first part, then hang up.
             part = next(parts)
             sent = part.cut(le)
-            self._record(200, counter.rows, fault)
+            # The rows of this part only (the cut one included): `counter` is a batch ahead.
+            self._record(200, part.rows, fault)
             self.close_connection = True
             if body_fault == "truncate":
                 declared = len(part.data()) + 1024
@@ -1033,6 +1110,44 @@ class _Handler(BaseHTTPRequestHandler):
             return
         pending = [first] if second is None else [first, second]
         write: Callable[[bytes], object]
+        try:
+            if cfg.transfer == "close":
+                self.close_connection = True
+                self._start(200, content_type, {"Connection": "close"})
+                write = self.wfile.write
+            else:
+                self._start(200, content_type, {"Transfer-Encoding": "chunked"})
+                write = self._write_chunk
+            for chunk in itertools.chain(pending, chunks):
+                if sim._stopping.is_set():
+                    self.close_connection = True
+                    self._record(200, counter.rows, fault)
+                    return
+                write(chunk)
+        except ConnectionError:
+            # The client went away (it timed out, say): the request is logged all the same.
+            self._record(200, counter.rows, fault)
+            raise
+        # Record before the final bytes: once a client has the whole body, the log has the request.
+        self._record(200, counter.rows, fault)
+        if cfg.transfer != "close":
+            self.wfile.write(b"0\r\n\r\n")
+
+    def _send_prerendered(
+        self, prerendered: _Prerendered, query: FeedQuery, fault: str | None
+    ) -> None:
+        sim, cfg = self.sim, self.sim.config
+        preamble, rows, trailer, count = prerendered.response(query.from_id, cfg.max_rows)
+        content_type = _CONTENT_TYPES[prerendered.fmt]
+        if cfg.transfer == "length" or (cfg.transfer == "auto" and count <= cfg.batch_rows):
+            self._record(200, count, fault)
+            size = len(preamble) + len(rows) + len(trailer)
+            self._start(200, content_type, {"Content-Length": str(size)})
+            self.wfile.write(preamble)
+            self.wfile.write(rows)
+            self.wfile.write(trailer)
+            return
+        write: Callable[[bytes], object]
         if cfg.transfer == "close":
             self.close_connection = True
             self._start(200, content_type, {"Connection": "close"})
@@ -1040,13 +1155,19 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._start(200, content_type, {"Transfer-Encoding": "chunked"})
             write = self._write_chunk
-        for chunk in itertools.chain(pending, chunks):
-            if sim._stopping.is_set():
-                self.close_connection = True
-                return
-            write(chunk)
-        # Record before the final bytes: once a client has the whole body, the log has the request.
-        self._record(200, counter.rows, fault)
+        try:
+            write(preamble)
+            for at in range(0, len(rows), _PRERENDERED_CHUNK_BYTES):
+                if sim._stopping.is_set():
+                    self.close_connection = True
+                    self._record(200, count, fault)
+                    return
+                write(bytes(rows[at : at + _PRERENDERED_CHUNK_BYTES]))
+            write(trailer)
+        except ConnectionError:
+            self._record(200, count, fault)
+            raise
+        self._record(200, count, fault)
         if cfg.transfer != "close":
             self.wfile.write(b"0\r\n\r\n")
 
@@ -1069,6 +1190,7 @@ class BillingFeedSimulator:
             jitter_s=config.jitter_s,
             accounts=config.accounts,
             malformed_rate=config.malformed_rate,
+            status_fault_from_id=config.status_fault_from_id,
         )
         self.store = FeedStore(
             self.generator,
@@ -1085,6 +1207,15 @@ class BillingFeedSimulator:
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self.prerendered: _Prerendered | None = None
+        if config.prerender != "none":
+            started = time.monotonic()
+            self.prerendered = _Prerendered(config.prerender, config, self.generator)
+            logger.info(
+                "prerendered %d rows (%d bytes of %s) in %.1f s",
+                config.backlog, len(self.prerendered.body), config.prerender,
+                time.monotonic() - started,
+            )  # fmt: skip
 
     def __enter__(self) -> BillingFeedSimulator:
         self.start()
@@ -1164,9 +1295,13 @@ class BillingFeedSimulator:
 
     @property
     def requests(self) -> tuple[RequestRecord, ...]:
-        """Every request received so far, oldest first, without passwords."""
+        """Every request answered so far, oldest first, without passwords.
+
+        A request is logged once its answer is written (or the client has gone), so a
+        slow answer is logged after quicker later ones: sorting restores arrival order.
+        """
         with self._lock:
-            return tuple(self._log)
+            return tuple(sorted(self._log, key=lambda record: record.received_at))
 
     @property
     def request_count(self) -> int:
@@ -1239,3 +1374,98 @@ def serve(config: SimulatorConfig) -> None:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+
+
+# --- files: the provider's SFTP delivery ----------------------------------------------------
+
+Cadence = Literal["daily", "hourly", "20min"]
+CADENCES: Mapping[str, timedelta] = {
+    "daily": timedelta(days=1),
+    "hourly": timedelta(hours=1),
+    "20min": timedelta(minutes=20),
+}
+
+
+def file_name(period_start: datetime, fmt: str) -> str:
+    """The name of the file of the period starting then: cdr_YYYYMMDD_HHMM.<format>."""
+    return f"cdr_{period_start:%Y%m%d_%H%M}.{fmt}"
+
+
+def write_files(
+    config: SimulatorConfig,
+    directory: Path,
+    *,
+    cadence: Cadence,
+    fmt: str,
+    upto_id: int | None = None,
+) -> list[Path]:
+    """Write the files the provider would deliver by SFTP, with the feed's data for the seed.
+
+    CDRs 1..`upto_id` (default: `config.backlog`), one file per period of `cadence`
+    (UTC, so no name repeats when the clocks go back) that holds any, by the call's
+    UTCDateTime, rows in ID order, rendered as the feed renders `fmt` with the config's
+    variants (header, date styles, malformed rows...). Each file is written under a
+    temporary name (a dot first, so no glob on `cdr_*` matches it) and then renamed, so a
+    reader never sees half a file. Returns the paths written, in period order.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if cadence not in CADENCES:
+        raise ConfigError(f"cadence must be one of {', '.join(CADENCES)}, not {cadence!r}")
+    last = config.backlog if upto_id is None else upto_id
+    generator = CdrGenerator(
+        config.seed,
+        start=config.start,
+        mean_gap_s=config.mean_gap_s,
+        jitter_s=config.jitter_s,
+        accounts=config.accounts,
+        malformed_rate=config.malformed_rate,
+        status_fault_from_id=config.status_fault_from_id,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    step = CADENCES[cadence]
+    if last < 1:
+        return []
+
+    def utc_of(row: Mapping[str, str]) -> datetime:
+        return datetime.strptime(row["UTCDateTime"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+
+    def period_of(when: datetime) -> datetime:
+        midnight = when.replace(hour=0, minute=0, second=0, microsecond=0)
+        return midnight + (when - midnight) // step * step
+
+    slack = timedelta(seconds=config.jitter_s + 1)
+    period = period_of(utc_of(generator.row(1)) - slack)
+    end = utc_of(generator.row(last)) + slack
+    written: list[Path] = []
+    while period <= end:
+        # Every ID whose call can fall in this period, kept if it does (jitter crosses edges).
+        window = generator.ids_between(period, period + step)
+        ids = range(max(1, window.start), min(last, window.stop - 1) + 1)
+        rows = [
+            (cdr_id, row)
+            for cdr_id in ids
+            if period <= utc_of(row := generator.row(cdr_id)) < period + step
+        ]
+        if rows:
+            name = file_name(period, fmt)
+            written.append(_write_file(directory / name, _Renderer(fmt, config), generator, rows))
+        period += step
+    return written
+
+
+def _write_file(
+    path: Path,
+    renderer: _Renderer,
+    generator: CdrGenerator,
+    rows: list[tuple[int, dict[str, str]]],
+) -> Path:
+    """One file, written to a temporary name and renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(renderer.preamble())
+        for i, (cdr_id, row) in enumerate(rows):
+            f.write(renderer.row(generator.wire_row(cdr_id, row), i == 0))
+        f.write(renderer.trailer())
+    tmp.replace(path)
+    return path

@@ -11,11 +11,12 @@ import argparse
 import dataclasses
 import os
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from streamer.errors import ConfigError
-from streamer.simulator import SimulatorConfig, serve
+from streamer.simulator import CADENCES, FORMATS, SimulatorConfig, serve, write_files
 
 PASSWORD_ENV = "CDR_SIMULATOR_PASSWORD"  # noqa: S105 - the variable's name
 _NOT_FLAGS = {"password", "start"}
@@ -24,6 +25,7 @@ _HELP = {
     "rate_per_s": "new CDRs per second while running",
     "max_rows": "cap on rows per response, as a provider paging its answers would",
     "malformed_rate": "share of rows written broken (bad date, bad ID, wrong field count...)",
+    "status_fault_from_id": "every call from this CDR ID on ends Busy or Unallocated (0: never)",
     "unsorted": "shuffle rows within each response",
     "auth_failure_style": "how a wrong password is answered: text200 is the hardest case",
     "transfer": "body framing: Content-Length, chunked, or close-delimited",
@@ -44,6 +46,8 @@ _HELP = {
     "quote_all": "quote every field, not only those that need it",
     "empty_style": "body when there are no records: empty, or the header row only",
     "batch_rows": "rows written to the socket at a time",
+    "prerender": "render the backlog once at start in this format and serve it from memory "
+    "(benchmarks: serving is then no bottleneck)",
     "latency_s": "delay before each answer",
     "error_rate": "share of requests answered 500 or 503",
     "rate_limit_rate": "share of requests answered 429 with Retry-After",
@@ -64,9 +68,14 @@ def add_simulate_parser(sub: Any) -> None:
         f"expects comes from {PASSWORD_ENV} (or {PASSWORD_ENV}_FILE).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_config_flags(parser, lambda name: name not in _NOT_FLAGS)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, wanted: Callable[[str], bool]) -> None:
+    """One flag per `SimulatorConfig` field that `wanted` accepts, derived from the field."""
     hints = typing.get_type_hints(SimulatorConfig)
     for f in dataclasses.fields(SimulatorConfig):
-        if f.name in _NOT_FLAGS:
+        if not wanted(f.name):
             continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
@@ -105,4 +114,55 @@ def config_from_args(args: argparse.Namespace, env: typing.Mapping[str, str]) ->
 
 def run_simulate(args: argparse.Namespace) -> int:
     serve(config_from_args(args, os.environ))
+    return 0
+
+
+# What shapes the data and its text: the flags of `simulate-files` (no HTTP, no faults).
+_FILE_FLAGS = frozenset(
+    {
+        "seed", "backlog", "mean_gap_s", "jitter_s", "accounts", "malformed_rate",
+        "status_fault_from_id", "header", "date_style", "datetime_style", "json_numbers",
+        "json_pretty", "line_ending", "bom", "quote_all",
+    }
+)  # fmt: skip
+
+
+def add_simulate_files_parser(sub: Any) -> None:
+    """Register the `simulate-files` subcommand: the provider's SFTP files, into a folder."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "simulate-files",
+        help="write the CDR files the provider would deliver by SFTP into a folder",
+        description="Write the files of the provider's SFTP delivery: the same CDRs as "
+        "`simulate` serves for the same seed, one file per period (UTC) named "
+        "cdr_YYYYMMDD_HHMM.<format>, each written to a temporary name and renamed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("directory", type=Path, metavar="DIR", help="where to write the files")
+    parser.add_argument(
+        "--cadence", choices=list(CADENCES), default="hourly", help="one file per this period"
+    )
+    parser.add_argument(
+        "--files-format", choices=FORMATS, default="csv", help="csv, txt (tab), pipe or json"
+    )
+    parser.add_argument(
+        "--upto-id",
+        type=int,
+        metavar="N",
+        help="write CDRs 1..N (default: --backlog)",
+    )
+    _add_config_flags(parser, lambda name: name in _FILE_FLAGS)
+
+
+def run_simulate_files(args: argparse.Namespace) -> int:
+    values = {
+        name[len("sim_") :]: value for name, value in vars(args).items() if name.startswith("sim_")
+    }
+    values["line_ending"] = "\r\n" if values.get("line_ending") == "crlf" else "\n"
+    # The password is the web feed's; files need none.
+    config = SimulatorConfig(password="-", **values)  # noqa: S106
+    paths = write_files(
+        config, args.directory, cadence=args.cadence, fmt=args.files_format, upto_id=args.upto_id
+    )
+    last = config.backlog if args.upto_id is None else args.upto_id
+    print(f"wrote {len(paths)} {args.cadence} files of CDRs 1..{last} to {args.directory}")
     return 0

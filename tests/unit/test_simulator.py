@@ -267,6 +267,16 @@ def test_malformed_ids_are_deterministic_and_tell_their_kind() -> None:
             assert wire["ID"] == str(i)
 
 
+def test_status_fault_fails_every_call_from_its_id_and_leaves_earlier_rows_alone() -> None:
+    clean, faulty = CdrGenerator(5), CdrGenerator(5, status_fault_from_id=301)
+    assert all(faulty.row(i) == clean.row(i) for i in range(1, 301))
+    rows = [faulty.row(i) for i in range(301, 701)]
+    calls = [r for r in rows if r["CallType"] not in ("SMS", SERVICE_CALL_TYPE)]
+    assert {r["Status"] for r in calls} == {"Busy", "Unallocated"}
+    assert all(r["Seconds"] == "0" and Decimal(r["Charge"]) == 0 for r in calls)
+    assert {r["Status"] for r in rows if r not in calls} == {"Ok"}  # SMS and service fees
+
+
 # --- the feed --------------------------------------------------------------------------------
 
 
@@ -742,6 +752,36 @@ def test_injected_truncation_breaks_the_framing(
     assert fetch(sim, fromid="0", format=fmt).status_code == 200
 
 
+def test_truncation_logs_the_rows_of_the_part_it_cut(make_sim: MakeSim) -> None:
+    sim = make_sim(backlog=250, batch_rows=100)
+    sim.inject("truncate")
+    with pytest.raises(httpx.RemoteProtocolError):
+        fetch(sim, fromid="0")
+    assert sim.requests[-1].rows == 100  # rows 1..100, the last cut in half; not the next batch
+
+
+def test_requests_record_when_they_were_received(sim: BillingFeedSimulator) -> None:
+    before = time.monotonic()
+    fetch(sim, fromid="290")
+    fetch(sim, fromid="295")
+    after = time.monotonic()
+    first, second = sim.requests
+    assert before <= first.received_at <= second.received_at <= after
+
+
+def test_a_request_the_client_gave_up_on_is_logged_in_arrival_order(make_sim: MakeSim) -> None:
+    sim = make_sim(backlog=2500)  # more than one batch: the answer is streamed, chunked
+    sim.inject("latency", seconds=0.5)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(sim.url, data={"login": LOGIN, "password": PASSWORD, "fromid": "0"}, timeout=0.1)
+    assert fetch(sim, fromid="2490").status_code == 200
+    deadline = time.monotonic() + 10
+    while sim.request_count < 2:  # the late answer is logged when it is written off
+        assert time.monotonic() < deadline, sim.requests
+        time.sleep(0.02)
+    assert [r.fault for r in sim.requests] == ["latency", None]
+
+
 def test_injected_cut_last_line(sim: BillingFeedSimulator) -> None:
     sim.inject("cut_last_line")
     broken = fetch(sim, fromid="290").text
@@ -853,3 +893,44 @@ def test_password_in_a_get_url_is_not_logged(
     assert sim.requests[-1].password_in == ("query",)
     assert "password" not in sim.requests[-1].params
     assert not [r for r in caplog.records if PASSWORD in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"prerender": "csv"},
+        {"prerender": "csv", "transfer": "length", "bom": True, "quote_all": True},
+        {"prerender": "txt", "header": False, "line_ending": "\r\n", "malformed_rate": 0.1},
+        {"prerender": "pipe", "transfer": "close", "date_style": "nz"},
+        {"prerender": "json", "json_pretty": True, "json_numbers": True},
+        {"prerender": "json", "line_ending": "\r\n", "transfer": "chunked"},
+        {"prerender": "csv", "max_rows": 700},
+    ],
+)
+def test_prerendered_answers_are_the_rendered_ones(make_sim: MakeSim, variant: Any) -> None:
+    """A prerendering simulator answers byte for byte as one rendering on request does."""
+    fmt = variant["prerender"]
+    common = {k: v for k, v in variant.items() if k != "prerender"}
+    fast = make_sim(backlog=2500, batch_rows=1000, **variant)
+    slow = make_sim(backlog=2500, batch_rows=1000, **common)
+    assert fast.prerendered is not None
+    for fromid in ("0", "1", "1499", "2499", "2500", "4000"):
+        answers = [fetch(sim, fromid=fromid, format=fmt) for sim in (fast, slow)]
+        assert answers[0].status_code == answers[1].status_code == 200
+        assert answers[0].content == answers[1].content, fromid
+        framing = [
+            ("content-length" in a.headers, "transfer-encoding" in a.headers) for a in answers
+        ]
+        assert framing[0] == framing[1]
+        assert [r.rows for r in fast.requests] == [r.rows for r in slow.requests]
+
+
+def test_prerendered_simulator_renders_other_requests_on_demand(make_sim: MakeSim) -> None:
+    fast = make_sim(backlog=300, prerender="csv")
+    slow = make_sim(backlog=300)
+    for params in ({"format": "json"}, {"date": "2024-03-01"}, {"callsonly": "1"}):
+        answers = [fetch(sim, fromid="0", **params).content for sim in (fast, slow)]
+        assert answers[0] == answers[1]
+    fast.add(5)  # rows beyond the prerendered backlog: rendered on request
+    slow.add(5)
+    assert fetch(fast, fromid="10").content == fetch(slow, fromid="10").content
