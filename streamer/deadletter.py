@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from streamer.records import Rejection
 
 DEAD_LETTER_VERSION = 1
+MAX_RAW_BYTES = 200_000
 
 
 def encode_dead_letter(
@@ -25,13 +26,20 @@ def encode_dead_letter(
 ) -> bytes:
     """One dead-letter value (UTF-8 JSON); `file` (the SFTP file's name) only when given."""
     when = now or datetime.now(UTC)
-    extra = {} if file is None else {"file": file}
+    extra: dict[str, object] = {} if file is None else {"file": file}
+    raw = rejection.raw
+    encoded = raw.encode("utf-8", "replace")
+    if len(encoded) > MAX_RAW_BYTES:
+        # Kept under the broker's message.max.bytes: a dead letter Kafka refused would
+        # be retried for ever. The start of the text is what a person needs to look at.
+        raw = encoded[:MAX_RAW_BYTES].decode("utf-8", "ignore")
+        extra["raw_truncated"] = True
     return json.dumps(
         {
             "version": DEAD_LETTER_VERSION,
             "reason": rejection.reason,
             "detail": rejection.detail,
-            "raw": rejection.raw,
+            "raw": raw,
             "id": rejection.cdr_id,
             "feed": feed,
             "source": source,

@@ -58,8 +58,14 @@ REASONS: tuple[str, ...] = (
     "bad_offset",  # UTCOffset not an offset in hours
     "bad_integer",  # Seconds, NetworkSeconds or ConnectSeconds not a whole number >= 0
     "bad_decimal",  # Charge, ChargeExcl or FreeUnitsUsed not an exact decimal
+    "row_too_long",  # longer than MAX_ROW_CHARS: no CDR is, and Kafka would refuse it
     "bad_file",  # an SFTP file that is not a feed file at all (one dead letter for the file)
 )
+
+# A CDR row is a few hundred characters. Far longer ones are rejected before they can
+# make an event over the broker's message.max.bytes (1 MB), which Kafka would refuse
+# on every retry and so stall the feed.
+MAX_ROW_CHARS = 100_000
 
 # Decimals are carried at this scale (Avro decimal(18, 6)): more digits would be rounded.
 DECIMAL_SCALE = 6
@@ -193,9 +199,7 @@ def parse_utc_datetime(text: str) -> datetime:
     try:
         return parsed.astimezone(UTC)
     except OverflowError:  # 0001-01-01T00:00+01:00 has no UTC instant in datetime's range
-        raise _InvalidFieldError(
-            "bad_datetime", f"UTCDateTime {text!r} is out of range"
-        ) from None
+        raise _InvalidFieldError("bad_datetime", f"UTCDateTime {text!r} is out of range") from None
 
 
 def parse_offset(text: str) -> Decimal:
@@ -361,6 +365,8 @@ def _offset(text: str, _field: str) -> Decimal:
 
 def to_record(row: Row) -> CallRecord | Rejection:
     """Type one row; a field that cannot be typed makes the whole row a `Rejection`."""
+    if len(row.raw) > MAX_ROW_CHARS:
+        return _too_long(row)
     v = row.values
     try:
         id_text = v["ID"]
@@ -447,3 +453,16 @@ def to_record(row: Row) -> CallRecord | Rejection:
         return to_record_reference(row)
     record.__class__ = CallRecord
     return cast(CallRecord, record)
+
+
+def _too_long(row: Row) -> Rejection:
+    try:
+        cdr_id: int | None = parse_id(row.values.get("ID", ""))
+    except _InvalidFieldError:
+        cdr_id = None
+    return Rejection(
+        "row_too_long",
+        f"row of {len(row.raw)} characters (at most {MAX_ROW_CHARS})",
+        row.raw,
+        cdr_id,
+    )
