@@ -19,21 +19,16 @@ import dataclasses
 import json
 import os
 import resource
-import selectors
-import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LOGIN = "81234567"
-PASSWORD = "bench-Pa55word"  # noqa: S105 - the local simulator's, for this benchmark only
+from bench._services import LOGIN, PASSWORD, REPO_ROOT, simulator
+
 PASSWORD_ENV = "CDR_BENCH_PASSWORD"  # noqa: S105 - the variable's name
 BASELINE_ROWS = 100_000
 LARGE_ROWS = 1_000_000
@@ -64,35 +59,6 @@ def measure(url: str, fromid: int, fmt: str) -> Measurement:
     if done.returncode != 0:
         raise RuntimeError(f"measurement from {fromid} failed:\n{done.stderr}")
     return Measurement(**json.loads(done.stdout.splitlines()[-1]))
-
-
-@contextmanager
-def simulator(backlog: int) -> Iterator[str]:
-    """`cdr-streamer simulate` in its own process; yields its URL."""
-    args = ["--backlog", str(backlog), "--login", LOGIN]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamer", "--log-level", "WARNING", "simulate", *args],
-        env={**os.environ, "CDR_SIMULATOR_PASSWORD": PASSWORD},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO_ROOT,
-    )
-    try:
-        assert proc.stdout is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(proc.stdout, selectors.EVENT_READ)
-            if not selector.select(timeout=30):  # the deadline for the URL to appear
-                raise RuntimeError("the simulator printed no URL within 30 s")
-        line = proc.stdout.readline()
-        yield next(word for word in line.split() if word.startswith("http://"))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _mib(kib: float) -> str:
