@@ -128,7 +128,11 @@ class Publisher:
         if err.code() == KafkaError._FATAL and self._fatal is None:
             # The generic "fatal" code: the error callback says why (fenced or not).
             # Serve it now, or a fenced instance would rebuild its producer and fence back.
-            self._producer.poll(0)
+            try:
+                self._producer.poll(0)
+            except KafkaException as exc:  # the fatal error itself, raised by poll
+                if exc.args[0].fatal():
+                    self._fatal = exc.args[0]
         if err.code() == KafkaError._FATAL and self._fatal is not None:
             err = self._fatal
         if err.code() in _FENCED_CODES and self.transactional_id:
@@ -185,11 +189,21 @@ class Publisher:
                 )
                 break
             except BufferError:
-                self._producer.poll(0.1)
+                self._serve(0.1)
                 self._check_fatal()
             except KafkaException as exc:
                 raise self._error(f"produce to {topic}", exc.args[0]) from exc
-        self._producer.poll(0)
+        self._serve(0)
+
+    def _serve(self, timeout_s: float) -> None:
+        """producer.poll(), whose errors (librdkafka may raise a fatal one here) become ours."""
+        try:
+            self._producer.poll(timeout_s)
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.fatal() and self._fatal is None:
+                self._fatal = err
+            raise self._error("serve delivery reports", err) from exc
 
     def flush(self, timeout_s: float) -> None:
         """Wait for every queued message's delivery report; raise if any failed or is missing.
@@ -202,7 +216,10 @@ class Publisher:
         deadline = time.monotonic() + timeout_s
         remaining = len(self._producer)
         while remaining and time.monotonic() < deadline:
-            remaining = self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic())))
+            try:
+                remaining = self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic())))
+            except KafkaException as exc:
+                raise self._error("confirm delivery", exc.args[0]) from exc
         self._check_fatal()
         error, self._first_error = self._first_error, None
         if error is not None:
@@ -265,8 +282,16 @@ class Publisher:
         return len(self._producer)
 
     def poll(self, timeout_s: float = 0.0) -> None:
-        """Serve pending callbacks (delivery reports, statistics); safe from another thread."""
-        self._producer.poll(timeout_s)
+        """Serve pending callbacks (delivery reports, statistics); safe from another thread.
+
+        Never raises: a fatal error found here is latched and raised by the feed's own
+        next produce or flush, in the feed's thread.
+        """
+        try:
+            self._producer.poll(timeout_s)
+        except KafkaException as exc:
+            if exc.args[0].fatal() and self._fatal is None:
+                self._fatal = exc.args[0]
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Give queued messages a last chance; whatever is unconfirmed is not committed anyway."""
