@@ -1109,15 +1109,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
             return
         pending = [first] if second is None else [first, second]
-        write: Callable[[bytes], object]
         try:
-            if cfg.transfer == "close":
-                self.close_connection = True
-                self._start(200, content_type, {"Connection": "close"})
-                write = self.wfile.write
-            else:
-                self._start(200, content_type, {"Transfer-Encoding": "chunked"})
-                write = self._write_chunk
+            write = self._start_streamed(content_type)
             for chunk in itertools.chain(pending, chunks):
                 if sim._stopping.is_set():
                     self.close_connection = True
@@ -1133,6 +1126,15 @@ class _Handler(BaseHTTPRequestHandler):
         if cfg.transfer != "close":
             self.wfile.write(b"0\r\n\r\n")
 
+    def _start_streamed(self, content_type: str) -> Callable[[bytes], object]:
+        """Send the headers of a body of unknown length; the writer for its pieces."""
+        if self.sim.config.transfer == "close":
+            self.close_connection = True
+            self._start(200, content_type, {"Connection": "close"})
+            return self.wfile.write
+        self._start(200, content_type, {"Transfer-Encoding": "chunked"})
+        return self._write_chunk
+
     def _send_prerendered(
         self, prerendered: _Prerendered, query: FeedQuery, fault: str | None
     ) -> None:
@@ -1147,14 +1149,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(rows)
             self.wfile.write(trailer)
             return
-        write: Callable[[bytes], object]
-        if cfg.transfer == "close":
-            self.close_connection = True
-            self._start(200, content_type, {"Connection": "close"})
-            write = self.wfile.write
-        else:
-            self._start(200, content_type, {"Transfer-Encoding": "chunked"})
-            write = self._write_chunk
+        write = self._start_streamed(content_type)
         try:
             write(preamble)
             for at in range(0, len(rows), _PRERENDERED_CHUNK_BYTES):
