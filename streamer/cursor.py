@@ -7,12 +7,13 @@ letter of every lower ID fetched with it, is confirmed by Kafka. It is the
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +41,19 @@ class CursorStore(Protocol):
     def commit(self, cursor: int) -> None:
         """Make `cursor` durable; it must survive a crash right after this returns."""
         ...
+
+
+class TransactionalCursorStore(CursorStore, Protocol):
+    """A cursor store whose record can ride in the events' own Kafka transaction."""
+
+    def message(self, cursor: int) -> tuple[str, bytes, bytes]: ...
+
+    def committed(self, cursor: int) -> None: ...
+
+
+def is_transactional_store(store: object) -> bool:
+    """Does `store` have what joining a Kafka transaction needs?"""
+    return callable(getattr(store, "message", None)) and callable(getattr(store, "committed", None))
 
 
 class FileCursorStore:
@@ -430,3 +444,94 @@ def _parse_document(raw: bytes, owner: str, where: str) -> dict[str, Any]:
     if data.get("owner") != owner:
         raise ConfigError(f"{where} belongs to {data.get('owner')!r}, not {owner!r}")
     return data
+
+
+class IdRanges:
+    """The set of IDs handled in one response, as sorted closed ranges.
+
+    Feed IDs are nearly contiguous, so a million IDs are usually one range: memory
+    stays flat where a Python set would take tens of megabytes.
+    """
+
+    __slots__ = ("_ends", "_starts")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def add(self, n: int) -> bool:
+        """Add `n`; False if it was already there."""
+        starts, ends = self._starts, self._ends
+        if not ends or n > ends[-1] + 1:
+            starts.append(n)
+            ends.append(n)
+            return True
+        if n == ends[-1] + 1:
+            ends[-1] = n
+            return True
+        i = bisect.bisect_right(starts, n) - 1
+        if i >= 0 and n <= ends[i]:
+            return False
+        # A new ID below the highest one: join the neighbouring ranges where they touch.
+        joins_left = i >= 0 and ends[i] + 1 == n
+        joins_right = i + 1 < len(starts) and starts[i + 1] - 1 == n
+        if joins_left and joins_right:
+            ends[i] = ends[i + 1]
+            del starts[i + 1], ends[i + 1]
+        elif joins_left:
+            ends[i] = n
+        elif joins_right:
+            starts[i + 1] = n
+        else:
+            starts.insert(i + 1, n)
+            ends.insert(i + 1, n)
+        return True
+
+    def __contains__(self, n: object) -> bool:
+        if not isinstance(n, int):
+            return False
+        i = bisect.bisect_right(self._starts, n) - 1
+        return i >= 0 and n <= self._ends[i]
+
+    def __len__(self) -> int:
+        """The number of ranges (not of IDs)."""
+        return len(self._starts)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """The ranges, as (first, last) pairs in ascending order."""
+        return zip(self._starts, self._ends, strict=True)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IdRanges) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def copy(self) -> IdRanges:
+        ranges = IdRanges()
+        ranges._starts, ranges._ends = list(self._starts), list(self._ends)
+        return ranges
+
+    def discard_through(self, n: int) -> None:
+        """Forget every ID at or below `n`."""
+        i = bisect.bisect_right(self._ends, n)
+        del self._starts[:i], self._ends[:i]
+        if self._starts and self._starts[0] <= n:
+            self._starts[0] = n + 1
+
+    @classmethod
+    def of(cls, pairs: Sequence[Sequence[int]]) -> IdRanges:
+        """IdRanges from (first, last) pairs, in any order; ValueError if one is not a pair."""
+        checked: list[tuple[int, int]] = []
+        for pair in pairs:
+            first, last = pair
+            if not (type(first) is int and type(last) is int and 0 <= first <= last):
+                raise ValueError(f"not an ID range: {pair!r}")
+            checked.append((first, last))
+        ranges = cls()
+        for first, last in sorted(checked):
+            if ranges._ends and first <= ranges._ends[-1] + 1:
+                ranges._ends[-1] = max(ranges._ends[-1], last)
+            else:
+                ranges._starts.append(first)
+                ranges._ends.append(last)
+        return ranges

@@ -69,7 +69,7 @@ KNOWN_CALL_TYPES = frozenset(
 )
 # The Status values that count as errors in the error-rate ratio (everything but Ok).
 ERROR_STATUSES = frozenset(KNOWN_STATUSES - {"Ok"})
-# The `outcome` of a feed request (streamer/feed.py decides which); `error` is the
+# The `outcome` of a feed request (streamer/sources/feed.py decides which); `error` is the
 # fallback for an exception nobody expected.
 REQUEST_OUTCOMES = (
     "ok",
@@ -84,7 +84,7 @@ REQUEST_OUTCOMES = (
 KNOWN_OUTCOMES = frozenset({*REQUEST_OUTCOMES, "error"})
 KNOWN_REASONS = frozenset(REASONS)
 SKIP_REASONS = ("below_cursor", "duplicate", "covered_by_feed", "covered_by_sftp")
-# What went wrong talking to an SFTP server (streamer/sftp.py decides which).
+# What went wrong talking to an SFTP server (streamer/sources/sftp.py decides which).
 SFTP_ERROR_KINDS = (
     "connection_error", "timeout", "auth_error", "host_key", "unreadable_file", "after_action",
 )  # fmt: skip

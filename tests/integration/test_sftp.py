@@ -35,8 +35,8 @@ from helpers import (
 
 from streamer.config import Secret
 from streamer.errors import AuthError, ConfigError, HostKeyError
-from streamer.sftp import SftpServer
 from streamer.simulator import BillingFeedSimulator, SimulatorConfig, write_files
+from streamer.sources.sftp import SftpServer
 
 SOURCE = "files"
 
@@ -128,7 +128,7 @@ def test_unknown_host_refused_unless_trusted_then_recorded(
         password=Secret(ssh.password),
         trust_unknown_host_key=True,
     )
-    with caplog.at_level(logging.WARNING, logger="streamer.sftp"), trusting.connect():
+    with caplog.at_level(logging.WARNING, logger="streamer.sources.sftp"), trusting.connect():
         pass
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(fingerprint_of(ssh.host_key_pub) in w for w in warnings), warnings

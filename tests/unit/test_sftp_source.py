@@ -13,16 +13,16 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from streamer.config import Secret, parse_after, parse_settings
-from streamer.cursor import JsonFileCursorStore
+from streamer.cursor import IdRanges, JsonFileCursorStore
 from streamer.deadletter import encode_dead_letter
 from streamer.errors import ConfigError, FatalError, RetriableError
-from streamer.feed import Backoff
 from streamer.formats import parse_rows
 from streamer.metrics import FeedMetrics, Metrics
-from streamer.pipeline import IdRanges, Runner, run_together
 from streamer.records import Rejection
-from streamer.sftp import RemoteFile, SettleTracker, SftpCursor, format_of
+from streamer.retry import Backoff
+from streamer.scheduler import Runner, run_together
 from streamer.simulator import SimulatorConfig, file_name, write_files
+from streamer.sources.sftp import RemoteFile, SettleTracker, SftpCursor, format_of
 
 # --- settling --------------------------------------------------------------------------------
 

@@ -73,7 +73,7 @@ from typing import Any, Literal, NoReturn
 import paramiko
 
 from streamer.config import Secret, parse_after
-from streamer.cursor import JsonFileCursorStore, JsonKafkaCursorStore
+from streamer.cursor import IdRanges, JsonFileCursorStore, JsonKafkaCursorStore
 from streamer.errors import (
     AuthError,
     BadResponseError,
@@ -82,12 +82,11 @@ from streamer.errors import (
     SftpUnavailableError,
     StreamerError,
 )
-from streamer.feed import Backoff
 from streamer.formats import parse_rows
 from streamer.metrics import SftpSourceMetrics
-from streamer.pipeline import Batch, EventSink, IdRanges, Runner
 from streamer.publisher import Publisher
 from streamer.records import CallRecord, Rejection, to_record
+from streamer.sink import Batch, EventSink
 
 log = logging.getLogger(__name__)
 
@@ -825,56 +824,3 @@ class SftpCollector:
                 raise
             return
         log.info("sftp %s: %s %s", self.name, "deleted" if action == "delete" else "moved", name)
-
-
-class SftpRunner(Runner):
-    """Polls one SFTP source until stopped: retriable errors back off, fatal ones stop it.
-
-    With `once`, it polls until no file is left waiting to settle.
-    """
-
-    kind = "sftp"
-
-    def __init__(
-        self,
-        collector: SftpCollector,
-        *,
-        poll_interval_s: float,
-        backoff: Backoff | None = None,
-    ) -> None:
-        super().__init__(
-            collector.name,
-            collector.metrics,
-            backoff or Backoff(1.0, min(300.0, max(1.0, poll_interval_s))),
-        )
-        self.collector = collector
-        self.poll_interval_s = poll_interval_s
-
-    def close(self) -> None:
-        self.collector.close()
-
-    def _position(self) -> str:
-        cursor = self.collector.loaded_cursor
-        if cursor is None:  # reading it failed: do not wait on the store again just to log
-            return "cursor not read yet"
-        done = sum(1 for s in cursor.files.values() if s == "done")
-        where = f", {cursor.current} confirmed to row {cursor.rows}" if cursor.current else ""
-        return f"cursor stays at {done} files done{where}"
-
-    def _poll(self, *, once: bool) -> float | None:
-        result = self.collector.poll()
-        level = logging.INFO if result.files_done or result.files_quarantined else logging.DEBUG
-        log.log(
-            level,
-            "sftp %s: %d files listed, %d done, %d quarantined, %d waiting to settle; "
-            "%d rows in %.1f s: %d published, %d dead letters, %d covered by the feed",
-            self.name, result.listed, result.files_done, result.files_quarantined,
-            result.waiting, result.rows, result.seconds, result.published,
-            result.dead_lettered, result.covered,
-        )  # fmt: skip
-        if result.waiting:
-            # Look again when the waiting files may have settled.
-            return max(0.1, min(self.poll_interval_s, self.collector.tracker.settle_s))
-        if once:
-            return None
-        return self.poll_interval_s

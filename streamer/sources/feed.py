@@ -19,7 +19,6 @@ query string (that is the provider's API), so httpx's own log lines are redacted
 from __future__ import annotations
 
 import logging
-import random
 import re
 import threading
 import time
@@ -27,7 +26,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
-from email.utils import parsedate_to_datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -43,6 +41,7 @@ from streamer.errors import (
 )
 from streamer.formats import FORMATS, parse_rows
 from streamer.records import FIELDS, Rejection, Row
+from streamer.retry import Backoff, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -104,42 +103,6 @@ class FeedQuery:
         if self.servicesonly:
             out["servicesonly"] = "1"
         return out
-
-
-RETRY_AFTER_MAX_S = 3600.0
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter (sleep a random time in [0, cap))."""
-
-    def __init__(self, base_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        self.base_s = base_s
-        self.max_s = max_s
-        self._rng = rng or random.Random()
-        self.attempt = 0
-
-    def next_delay(self, at_least_s: float = 0.0) -> float:
-        cap = min(self.max_s, self.base_s * (2 ** min(self.attempt, 62)))
-        self.attempt += 1
-        # A server's Retry-After is honoured, up to an hour: a far-future date must not
-        # park the feed for days (or overflow the wait).
-        return max(min(at_least_s, RETRY_AFTER_MAX_S), self._rng.uniform(0, cap))
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-def retry_after_s(value: str | None) -> float | None:
-    """Retry-After as seconds: either a number of seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():  # isdigit alone accepts "²"
-        return float(value)
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, OverflowError):
-        return None
 
 
 @dataclass(frozen=True, slots=True)
