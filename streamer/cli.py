@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(check)
 
-    from streamer.simulator_cli import add_simulate_files_parser, add_simulate_parser
+    from streamer.simulator.cli import add_simulate_files_parser, add_simulate_parser
 
     add_simulate_parser(sub)
     add_simulate_files_parser(sub)
@@ -130,11 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("paramiko").setLevel(logging.WARNING)
     try:
         if args.command == "simulate":
-            from streamer.simulator_cli import run_simulate
+            from streamer.simulator.cli import run_simulate
 
             return run_simulate(args)
         if args.command == "simulate-files":
-            from streamer.simulator_cli import run_simulate_files
+            from streamer.simulator.cli import run_simulate_files
 
             return run_simulate_files(args)
         settings = load_settings(args.config, bootstrap_servers=args.bootstrap_servers)

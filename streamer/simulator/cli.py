@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from streamer.errors import ConfigError
-from streamer.simulator import CADENCES, FORMATS, SimulatorConfig, serve, write_files
+from streamer.simulator.config import FORMATS, SimulatorConfig
+from streamer.simulator.files import CADENCES, write_files
+from streamer.simulator.http import serve
 
 PASSWORD_ENV = "CDR_SIMULATOR_PASSWORD"  # noqa: S105 - the variable's name
 _NOT_FLAGS = {"password", "start"}
