@@ -22,6 +22,7 @@ from streamer.config import FeedSettings, Settings, SftpSettings, is_loopback_ur
 from streamer.cursor import (
     CursorStore,
     FileCursorStore,
+    JsonCursorStore,
     JsonFileCursorStore,
     JsonKafkaCursorStore,
     KafkaCursorStore,
@@ -36,7 +37,8 @@ from streamer.retry import Backoff
 from streamer.scheduler import FeedRunner, Runner, SftpRunner, run_together
 from streamer.sink import Encoder, EventSink, PublisherSlot
 from streamer.sources.feed import FeedClient, FeedQuery, FeedTimeouts
-from streamer.sources.sftp import SftpCollector, SftpCursorStore, SftpServer
+from streamer.sources.files import FileCollector
+from streamer.sources.sftp import SftpServer
 
 log = logging.getLogger("streamer")
 
@@ -226,7 +228,7 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
     return runners
 
 
-def _sftp_cursor_store(settings: Settings, source: SftpSettings) -> SftpCursorStore:
+def _sftp_cursor_store(settings: Settings, source: SftpSettings) -> JsonCursorStore:
     k = settings.kafka
     owner = f"sftp:{source.name}"
     if k.cursor_store == "kafka":
@@ -245,7 +247,7 @@ def _build_sftp(
     *,
     slot: PublisherSlot | None = None,
     feed_cursor: Callable[[], int] | None = None,
-) -> SftpCollector:
+) -> FileCollector:
     """One SFTP source; paired, it shares its feed's producer (`slot`) and reads its cursor."""
     k = settings.kafka
     exactly_once = k.delivery == "exactly_once"
@@ -274,7 +276,7 @@ def _build_sftp(
         source.poll_interval_s, k.delivery.replace("_", "-"),
         f", paired with feed {source.pairs_with_feed}" if source.pairs_with_feed else "", store,
     )  # fmt: skip
-    return SftpCollector(
+    return FileCollector(
         name=source.name,
         server=server,
         directory=source.directory,
@@ -302,7 +304,7 @@ def _build_sftp(
     )
 
 
-def _sftp_runner(collector: SftpCollector, source: SftpSettings) -> SftpRunner:
+def _sftp_runner(collector: FileCollector, source: SftpSettings) -> SftpRunner:
     return SftpRunner(
         collector,
         poll_interval_s=source.poll_interval_s,

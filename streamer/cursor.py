@@ -422,6 +422,10 @@ class JsonKafkaCursorStore:
         self.committed(value)
 
 
+# The store of a file source's cursor (files done, row of the current file, IDs published).
+JsonCursorStore = JsonFileCursorStore | JsonKafkaCursorStore
+
+
 def _document_json(owner: str, value: Mapping[str, Any]) -> str:
     return json.dumps(
         {

@@ -17,7 +17,7 @@ from streamer.errors import FatalError, RetriableError, StreamerError
 from streamer.metrics import FeedMetrics
 from streamer.pipeline import FeedPipeline
 from streamer.retry import Backoff
-from streamer.sources.sftp import SftpCollector
+from streamer.sources.files import FileCollector
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class SftpRunner(Runner):
 
     def __init__(
         self,
-        collector: SftpCollector,
+        collector: FileCollector,
         *,
         poll_interval_s: float,
         backoff: Backoff | None = None,
