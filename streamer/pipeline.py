@@ -27,21 +27,204 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Container
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Container, Iterable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
-from typing import cast
+from typing import Protocol, cast
 
 from streamer.cursor import CursorStore, IdRanges, TransactionalCursorStore, is_transactional_store
 from streamer.metrics import FeedMetrics
 from streamer.publisher import Publisher
-from streamer.records import CallRecord, Rejection, to_record
+from streamer.records import CallRecord, Rejection, Row, to_record
 from streamer.sink import Batch, Encoder, EventSink, PublisherSlot
 from streamer.sources.feed import FeedClient
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """What a checkpoint commits once its batch is confirmed.
+
+    Exactly-once: `messages` (the cursor record) join the batch's transaction and
+    `on_confirmed` tells the store it landed. At-least-once: no messages;
+    `on_confirmed` writes the cursor to its store, after the flush.
+    """
+
+    messages: tuple[tuple[str, bytes, bytes], ...]
+    on_confirmed: Callable[[], None]
+
+
+class Position(Protocol):
+    """A source's progress through one poll, as the drive loop sees it, row by row."""
+
+    def admit(self, cdr_id: int | None) -> str | None:
+        """Called for every row, in order: None to handle it, else why it is skipped."""
+        ...
+
+    def checkpoint_safe(self) -> bool:
+        """May a checkpoint be taken now, mid-stream, without risking a skipped row?"""
+        ...
+
+    def commit(self) -> Commit | None:
+        """What a checkpoint now commits; None when the cursor would not move."""
+        ...
+
+
+@dataclass
+class Tally:
+    """What one drive did, row by row."""
+
+    rows: int = 0  # rows given to the loop, skipped ones included
+    published: int = 0
+    dead_lettered: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+class Drive:
+    """The one drive loop: type -> admit -> publish or dead-letter -> checkpoint.
+
+    Every source feeds it rows (the feed a response, the file collector a file), with
+    a `Position` that decides which rows count and what a checkpoint commits. The
+    caller runs `run()` and then `checkpoint()`; after an error it may still
+    `checkpoint()` what was confirmed so far, where its source says that is safe.
+    """
+
+    def __init__(
+        self,
+        sink: EventSink,
+        publisher: Publisher,
+        position: Position,
+        *,
+        checkpoint_every: int,
+        headers: Sequence[tuple[str, str | bytes | None]] = (),
+        fromid: int = 0,
+        file: str | None = None,
+        on_checkpoint: Callable[[], None] | None = None,
+        progress: Callable[[Tally], None] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.publisher = publisher
+        self.position = position
+        self.checkpoint_every = checkpoint_every
+        self.headers = headers
+        self.fromid = fromid
+        self.file = file
+        self.on_checkpoint = on_checkpoint
+        self.progress = progress
+        self.batch = Batch()
+        self.tally = Tally()
+
+    def run(self, rows: Iterable[Row | Rejection]) -> None:
+        """Handle every row; may raise from the rows' iterator (the batch stays open)."""
+        sink, publisher, position, tally = self.sink, self.publisher, self.position, self.tally
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
+        for row in rows:
+            tally.rows += 1
+            # Step 3: type the row; a row that cannot be typed becomes a rejection.
+            item = row if isinstance(row, Rejection) else to_record(row)
+            cdr_id = item.id if isinstance(item, CallRecord) else item.cdr_id
+            skip = position.admit(cdr_id)
+            if skip is not None:
+                tally.skipped[skip] += 1
+                continue
+            # Step 4: produce the event or the dead letter.
+            if isinstance(item, CallRecord):
+                sink.publish(publisher, item, self.batch, self.headers)
+                tally.published += 1
+            else:
+                sink.dead_letter(publisher, item, self.batch, fromid=self.fromid, file=self.file)
+                tally.dead_lettered += 1
+            if self.batch.size >= self.checkpoint_every and position.checkpoint_safe():
+                # Step 5 (mid-stream): the rows so far, confirmed, then the cursor.
+                self.checkpoint()
+            if self.progress is not None and time.monotonic() >= next_progress:
+                next_progress += PROGRESS_EVERY_S
+                self.progress(tally)
+
+    def checkpoint(self) -> None:
+        """Step 5: flush and check every delivery report, then commit the cursor."""
+        commit = self.position.commit()
+        self.sink.confirm(
+            self.publisher,
+            self.batch,
+            cursor_messages=commit.messages if commit is not None else (),
+            on_confirmed=commit.on_confirmed if commit is not None else None,
+        )
+        self.batch = Batch()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()
+
+
+class FeedPosition:
+    """A feed's position within one response: the committed cursor, and the highest ID handled.
+
+    Rows at or below the cursor are skipped (`below_cursor`), repeated IDs too
+    (`duplicate`), and IDs the paired SFTP source published (`covered_by_sftp`; the
+    cursor moves over them). Mid-response checkpoints are safe only while the response
+    keeps to ID order (with `ids_ascending`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fromid: int,
+        store: CursorStore,
+        *,
+        exactly_once: bool,
+        ascending: bool,
+        covered: Container[int] | None,
+    ) -> None:
+        self.name = name
+        self.committed = fromid
+        self.high = fromid  # the highest ID handled (published or dead-lettered) so far
+        self.store = store
+        self.exactly_once = exactly_once
+        self.ascending = ascending
+        self.covered = covered
+        self._fromid = fromid
+        self._seen = IdRanges()
+
+    def admit(self, cdr_id: int | None) -> str | None:
+        if cdr_id is None:
+            return None
+        if cdr_id <= self._fromid:
+            return "below_cursor"
+        if not self._seen.add(cdr_id):
+            return "duplicate"
+        if cdr_id > self.high:
+            self.high = cdr_id
+        elif self.ascending:
+            self.ascending = False
+            log.warning(
+                "feed %s: ID %d came after ID %d although ids_ascending is set; "
+                "no more checkpoints until this response ends",
+                self.name, cdr_id, self.high,
+            )  # fmt: skip
+        if self.covered is not None and cdr_id in self.covered:
+            # The paired SFTP source published it: handled, not published again.
+            return "covered_by_sftp"
+        return None
+
+    def checkpoint_safe(self) -> bool:
+        # Everything up to `high` came before any higher ID.
+        return self.ascending
+
+    def commit(self) -> Commit | None:
+        high = self.high
+        if high <= self.committed:
+            return None
+        if self.exactly_once:
+            store = cast(TransactionalCursorStore, self.store)
+            return Commit((store.message(high),), partial(self._committed, store.committed, high))
+        return Commit((), partial(self._committed, self.store.commit, high))
+
+    def _committed(self, commit: Callable[[int], None], high: int) -> None:
+        commit(high)
+        self.committed = high
 
 
 @dataclass
@@ -170,77 +353,42 @@ class FeedPipeline:
         result: PollResult,
         started: float,
     ) -> None:
-        seen = IdRanges()
-        high = fromid  # the highest ID handled (published or dead-lettered) in this poll
-        ascending = self.ids_ascending  # mid-response checkpoints are safe while this holds
-        batch = Batch()
-        next_progress = started + PROGRESS_EVERY_S
-        # Step 2: fetch; the rows arrive parsed as the body streams in.
-        with self.client.fetch(fromid) as rows:
-            for row in rows:
-                result.rows += 1
-                # Step 3: type the row; a row that cannot be typed becomes a rejection.
-                item = row if isinstance(row, Rejection) else to_record(row)
-                cdr_id = item.id if isinstance(item, CallRecord) else item.cdr_id
-                if cdr_id is not None:
-                    if cdr_id <= fromid:
-                        result.skipped += 1
-                        continue
-                    if not seen.add(cdr_id):
-                        result.duplicates += 1
-                        continue
-                    if cdr_id > high:
-                        high = cdr_id
-                    elif ascending:
-                        ascending = False
-                        log.warning(
-                            "feed %s: ID %d came after ID %d although ids_ascending is set; "
-                            "no more checkpoints until this response ends",
-                            self.name, cdr_id, high,
-                        )  # fmt: skip
-                    if covered is not None and cdr_id in covered:
-                        # The paired SFTP source published it: handled, not published again.
-                        result.covered += 1
-                        continue
-                # Step 4: produce the event or the dead letter.
-                if isinstance(item, CallRecord):
-                    self.sink.publish(publisher, item, batch)
-                    result.published += 1
-                else:
-                    self.sink.dead_letter(publisher, item, batch, fromid=fromid)
-                    result.dead_lettered += 1
-                if ascending and batch.size >= self.checkpoint_every:
-                    # Step 5 (mid-response): everything up to `high` came before any higher ID.
-                    self._checkpoint(publisher, batch, high, result)
-                    batch = Batch()
-                if time.monotonic() >= next_progress:
-                    next_progress += PROGRESS_EVERY_S
-                    self._log_progress(result, high, started)
-        # Step 5: every event and dead letter of the response confirmed -> commit.
-        self._checkpoint(publisher, batch, high, result)
+        position = FeedPosition(
+            self.name, fromid, self.cursor_store, exactly_once=self.exactly_once,
+            ascending=self.ids_ascending, covered=covered,
+        )  # fmt: skip
 
-    def _checkpoint(
-        self, publisher: Publisher, batch: Batch, high: int, result: PollResult
-    ) -> None:
-        advance = high > result.cursor_after
-        messages: tuple[tuple[str, bytes, bytes], ...] = ()
-        on_confirmed: Callable[[], None] | None = None
-        if advance and self.exactly_once:
-            store = cast(TransactionalCursorStore, self.cursor_store)
-            messages = (store.message(high),)
-            on_confirmed = partial(store.committed, high)
-        elif advance:
-            on_confirmed = partial(self.cursor_store.commit, high)
-        self.sink.confirm(publisher, batch, cursor_messages=messages, on_confirmed=on_confirmed)
-        if advance:
-            result.cursor_after = high
-            self.metrics.cursor.set(high)
+        def checkpointed() -> None:
+            if position.committed > result.cursor_after:
+                result.cursor_after = position.committed
+                self.last_cursor = position.committed
+                self.metrics.cursor.set(position.committed)
 
-    def _log_progress(self, result: PollResult, high: int, started: float) -> None:
+        drive = Drive(
+            self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
+            fromid=fromid, on_checkpoint=checkpointed,
+            progress=partial(self._log_progress, position, started),
+        )  # fmt: skip
+        try:
+            # Step 2: fetch; the rows arrive parsed as the body streams in.
+            with self.client.fetch(fromid) as rows:
+                drive.run(rows)
+            # Step 5: every event and dead letter of the response confirmed -> commit.
+            drive.checkpoint()
+        finally:
+            tally = drive.tally
+            result.rows = tally.rows
+            result.published = tally.published
+            result.dead_lettered = tally.dead_lettered
+            result.skipped = tally.skipped["below_cursor"]
+            result.duplicates = tally.skipped["duplicate"]
+            result.covered = tally.skipped["covered_by_sftp"]
+
+    def _log_progress(self, position: FeedPosition, started: float, tally: Tally) -> None:
         elapsed = time.monotonic() - started
         log.info(
             "feed %s: %d rows so far (%.0f rows/s), %d published, %d dead letters, "
             "cursor %d committed, highest ID %d",
-            self.name, result.rows, result.rows / elapsed if elapsed else 0.0,
-            result.published, result.dead_lettered, result.cursor_after, high,
+            self.name, tally.rows, tally.rows / elapsed if elapsed else 0.0,
+            tally.published, tally.dead_lettered, position.committed, position.high,
         )  # fmt: skip

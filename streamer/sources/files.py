@@ -54,6 +54,7 @@ delay each other by one poll at most.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import posixpath
 import threading
@@ -75,9 +76,10 @@ from streamer.errors import (
 )
 from streamer.formats import parse_rows
 from streamer.metrics import SftpSourceMetrics
+from streamer.pipeline import Commit, Drive
 from streamer.publisher import Publisher
-from streamer.records import CallRecord, Rejection, to_record
-from streamer.sink import Batch, EventSink
+from streamer.records import Rejection
+from streamer.sink import EventSink
 from streamer.sources.base import FileServer, FileSession, RemoteFile
 
 log = logging.getLogger(__name__)
@@ -231,6 +233,39 @@ def format_of(name: str, configured: str) -> str | None:
     return EXTENSION_FORMATS.get(posixpath.splitext(name)[1].lower())
 
 
+class FilePosition:
+    """A file source's position within one file: its row count, and (paired) the IDs it published.
+
+    Paired with a feed, rows at or below the feed's committed cursor are skipped
+    (`covered_by_feed`), and so are IDs this source published already (`duplicate`).
+    Every row may be a checkpoint: the position is a row count, in file order.
+    """
+
+    def __init__(
+        self, collector: FileCollector, state: FileCursor, feed_cursor: int | None
+    ) -> None:
+        self.collector = collector
+        self.state = state
+        self.feed_cursor = feed_cursor
+
+    def admit(self, cdr_id: int | None) -> str | None:
+        state = self.state
+        state.rows += 1
+        if self.feed_cursor is not None and cdr_id is not None:
+            if cdr_id <= self.feed_cursor:
+                return "covered_by_feed"
+            if cdr_id in state.covered:
+                return "duplicate"
+            state.covered.add(cdr_id)
+        return None
+
+    def checkpoint_safe(self) -> bool:
+        return True
+
+    def commit(self) -> Commit:
+        return self.collector.commit_for(self.state, self.feed_cursor)
+
+
 class FileCollector:
     """Moves one SFTP source's files into Kafka, one poll (listing) at a time.
 
@@ -268,6 +303,7 @@ class FileCollector:
         self.after, self.after_dir = parse_after(after)
         self.quarantine_dir = quarantine_dir
         self.sink = sink
+        self.kind = sink.source  # "sftp" (or "ftp"): the first word of its log lines
         self.metrics = sink.metrics
         self.sftp_metrics = sftp_metrics
         self.cursor_store = cursor_store
@@ -349,14 +385,17 @@ class FileCollector:
         result.waiting = len(waiting)
         for f in new:
             log.info(
-                "sftp %s: new file %s (%d bytes)%s", self.name, f.name, f.size,
+                "%s %s: new file %s (%d bytes)%s", self.kind, self.name, f.name, f.size,
                 f", waiting {self.tracker.settle_s:g} s for it to settle"
                 if self.tracker.settle_s else "",
             )  # fmt: skip
         for f in settled.changed:
             if f.name in committed.files:
                 continue
-            log.info("sftp %s: %s is still being written (%d bytes now)", self.name, f.name, f.size)
+            log.info(
+                "%s %s: %s is still being written (%d bytes now)", self.kind, self.name, f.name,
+                f.size,
+            )  # fmt: skip
         listed = {f.name for f in files}
         # The file a crash left half-read comes first: starting another would drop its
         # position (one `current` file at a time). If it is listed but not settled, wait.
@@ -390,100 +429,83 @@ class FileCollector:
         start = state.rows if state.current == f.name else 0
         state.current, state.rows = f.name, start
         if start:
-            log.info("sftp %s: resuming %s after row %d", self.name, f.name, start)
+            log.info("%s %s: resuming %s after row %d", self.kind, self.name, f.name, start)
         feed_cursor = self.feed_cursor() if self.feed_cursor is not None else None
-        fmt = format_of(f.name, self.fmt)
-        batch = Batch()
-        headers: list[tuple[str, str | bytes | None]] = [("file", f.name.encode("utf-8"))]
-        before = (result.published, result.dead_lettered)
+        position = FilePosition(self, state, feed_cursor)
+        drive = Drive(
+            self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
+            headers=[("file", f.name.encode("utf-8"))], file=f.name,
+        )  # fmt: skip
 
         def count_bytes(n: int) -> None:
             result.read_bytes += n
             self.sftp_metrics.read_bytes.inc(n)
 
+        fmt = format_of(f.name, self.fmt)
         try:
-            if fmt is None:
-                raise BadResponseError(
-                    f"cannot tell the format of {f.name} from its extension: set format",
-                    reason="unknown_format",
-                )
-            index = 0
-            for row in parse_rows(session.read(self._path(f.name), count_bytes), fmt):
-                index += 1
-                if index <= start:
-                    continue  # confirmed before a restart
-                result.rows += 1
-                item = row if isinstance(row, Rejection) else to_record(row)
-                cdr_id = item.id if isinstance(item, CallRecord) else item.cdr_id
-                state.rows = index
-                if feed_cursor is not None and cdr_id is not None:
-                    if cdr_id <= feed_cursor:
-                        result.covered += 1
-                        continue
-                    if cdr_id in state.covered:
-                        result.duplicates += 1
-                        continue
-                    state.covered.add(cdr_id)
-                # Step 4: the event or the dead letter, exactly as the feed's.
-                if isinstance(item, CallRecord):
-                    self.sink.publish(publisher, item, batch, headers)
-                    result.published += 1
-                else:
-                    self.sink.dead_letter(publisher, item, batch, fromid=0, file=f.name)
-                    result.dead_lettered += 1
-                if batch.size >= self.checkpoint_every:
-                    # Step 5 (mid-file): the rows so far, confirmed, then the position.
-                    self._checkpoint(publisher, batch, state, feed_cursor)
-                    batch = Batch()
-        except FileNotFoundError:
-            log.warning("sftp %s: %s went away while being read", self.name, f.name)
-            self._checkpoint(publisher, batch, state, feed_cursor)
-            return
-        except (BadResponseError, PermissionError) as exc:
-            self._quarantine(session, publisher, batch, state, f, exc, feed_cursor, result)
-            return
+            try:
+                if fmt is None:
+                    raise BadResponseError(
+                        f"cannot tell the format of {f.name} from its extension: set format",
+                        reason="unknown_format",
+                    )
+                rows = parse_rows(session.read(self._path(f.name), count_bytes), fmt)
+                # Rows confirmed before a restart are not handed on again.
+                drive.run(itertools.islice(rows, start, None))
+            except FileNotFoundError:
+                log.warning("%s %s: %s went away while being read", self.kind, self.name, f.name)
+                drive.checkpoint()
+                return
+            except (BadResponseError, PermissionError) as exc:
+                self._quarantine(session, drive, state, f, exc, result)
+                return
+        finally:
+            tally = drive.tally
+            result.rows += tally.rows
+            result.published += tally.published
+            result.dead_lettered += tally.dead_lettered
+            result.covered += tally.skipped["covered_by_feed"]
+            result.duplicates += tally.skipped["duplicate"]
         # Step 5: the whole file is confirmed -> done.
         state.files[f.name] = "done"
         state.current, state.rows = None, 0
-        self._checkpoint(publisher, batch, state, feed_cursor)
+        drive.checkpoint()
         self.sftp_metrics.files_done.inc()
         result.files_done += 1
         log.info(
-            "sftp %s: %s done: %d published, %d dead letters",
-            self.name, f.name, result.published - before[0], result.dead_lettered - before[1],
+            "%s %s: %s done: %d published, %d dead letters",
+            self.kind, self.name, f.name, drive.tally.published, drive.tally.dead_lettered,
         )  # fmt: skip
         self._after(session, f.name, "done")
 
     def _quarantine(
         self,
         session: FileSession,
-        publisher: Publisher,
-        batch: Batch,
+        drive: Drive,
         state: FileCursor,
         f: RemoteFile,
         exc: Exception,
-        feed_cursor: int | None,
         result: FilePollResult,
     ) -> None:
         """A file that is not a feed file: one dead letter for it, marked, set aside."""
         detail = str(exc) if isinstance(exc, BadResponseError) else f"cannot read it: {exc}"
         log.error(
-            "sftp %s: quarantining %s after %d rows: %s", self.name, f.name, state.rows, detail
-        )
+            "%s %s: quarantining %s after %d rows: %s",
+            self.kind, self.name, f.name, state.rows, detail,
+        )  # fmt: skip
         self.sftp_metrics.error("unreadable_file")
         rejection = Rejection("bad_file", f"{f.name}: {detail}"[:2000], f.name)
-        self.sink.dead_letter(publisher, rejection, batch, fromid=0, file=f.name)
+        self.sink.dead_letter(drive.publisher, rejection, drive.batch, fromid=0, file=f.name)
         result.dead_lettered += 1
         state.files[f.name] = "quarantined"
         state.current, state.rows = None, 0
-        self._checkpoint(publisher, batch, state, feed_cursor)
+        drive.checkpoint()
         self.sftp_metrics.files_quarantined.inc()
         result.files_quarantined += 1
         self._after(session, f.name, "quarantined")
 
-    def _checkpoint(
-        self, publisher: Publisher, batch: Batch, state: FileCursor, feed_cursor: int | None
-    ) -> None:
+    def commit_for(self, state: FileCursor, feed_cursor: int | None) -> Commit:
+        """What a checkpoint of `state` commits (see FilePosition.commit)."""
         if feed_cursor is not None:
             state.covered.discard_through(feed_cursor)  # the feed's cursor covers those
         value = state.to_json()
@@ -491,18 +513,11 @@ class FileCollector:
         store = self.cursor_store
         if self.exactly_once:
             assert isinstance(store, JsonKafkaCursorStore)
-            self.sink.confirm(
-                publisher,
-                batch,
-                cursor_messages=(store.message(value),),
-                on_confirmed=partial(self._committed_as, store.committed, value, snapshot),
+            return Commit(
+                (store.message(value),),
+                partial(self._committed_as, store.committed, value, snapshot),
             )
-        else:
-            self.sink.confirm(
-                publisher,
-                batch,
-                on_confirmed=partial(self._committed_as, store.commit, value, snapshot),
-            )
+        return Commit((), partial(self._committed_as, store.commit, value, snapshot))
 
     def _committed_as(
         self, commit: Callable[[dict[str, Any]], None], value: dict[str, Any], state: FileCursor
@@ -529,10 +544,11 @@ class FileCollector:
         except (SftpUnavailableError, OSError) as exc:
             self.sftp_metrics.error("after_action")
             log.warning(
-                "sftp %s: could not %s %s (%s); trying again next poll", self.name, action,
+                "%s %s: could not %s %s (%s); trying again next poll", self.kind, self.name, action,
                 name, exc,
             )  # fmt: skip
             if isinstance(exc, SftpUnavailableError):
                 raise
             return
-        log.info("sftp %s: %s %s", self.name, "deleted" if action == "delete" else "moved", name)
+        done = "deleted" if action == "delete" else "moved"
+        log.info("%s %s: %s %s", self.kind, self.name, done, name)
