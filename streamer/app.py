@@ -32,7 +32,13 @@ from streamer.errors import ConfigError
 from streamer.health import HealthServer, KafkaCheck, Readiness
 from streamer.metrics import FeedMetrics, Metrics, SftpMetrics
 from streamer.pipeline import FeedPipeline
-from streamer.publisher import Publisher, producer_config, provision_topic
+from streamer.publisher import (
+    Publisher,
+    TimestampLimits,
+    producer_config,
+    provision_topic,
+    timestamp_limits,
+)
 from streamer.retry import Backoff
 from streamer.scheduler import FeedRunner, Runner, SftpRunner, run_together
 from streamer.sink import Encoder, EventSink, PublisherSlot
@@ -51,7 +57,8 @@ class Unit:
     runners: list[Runner]
 
 
-def _provision(settings: Settings) -> None:
+def _provision(settings: Settings) -> TimestampLimits:
+    """Create or check the topics; the event topic's timestamp limits."""
     k = settings.kafka
     admin = AdminClient({**k.producer, "bootstrap.servers": k.bootstrap_servers})
     for topic in (k.topic, k.dead_letter_topic):
@@ -64,6 +71,7 @@ def _provision(settings: Settings) -> None:
             admin, k.cursor_topic, partitions=1, replication_factor=k.replication_factor,
             min_insync_replicas=k.min_insync_replicas, compacted=True,
         )  # fmt: skip
+    return timestamp_limits(admin, k.topic)
 
 
 def _cursor_store(settings: Settings, feed: FeedSettings) -> CursorStore:
@@ -76,13 +84,27 @@ def _cursor_store(settings: Settings, feed: FeedSettings) -> CursorStore:
     return FileCursorStore(Path(feed.cursor_file), feed.name, feed.initial_cursor)
 
 
-def _publisher_factory(
+def _publisher_slot(
     settings: Settings, source_metrics: FeedMetrics, transactional_id: str | None
+) -> PublisherSlot:
+    """The producer of a unit of work; exactly-once, also a prober of its own id (sink.py)."""
+    probe_factory = None
+    if transactional_id is not None:
+        probe_factory = _publisher_factory(settings, None, f"{transactional_id}-probe")
+    return PublisherSlot(
+        _publisher_factory(settings, source_metrics, transactional_id), probe_factory
+    )
+
+
+def _publisher_factory(
+    settings: Settings, source_metrics: FeedMetrics | None, transactional_id: str | None
 ) -> Callable[[], Publisher]:
     k = settings.kafka
     config = producer_config(k.bootstrap_servers, k.producer)
 
     def new_publisher() -> Publisher:
+        if source_metrics is None:
+            return Publisher(config, transactional_id=transactional_id)
         publisher = Publisher(
             config, transactional_id=transactional_id, stats_cb=source_metrics.kafka_stats
         )
@@ -112,6 +134,7 @@ def _build_pipeline(
     query: FeedQuery,
     cursor_store: CursorStore,
     exactly_once: bool,
+    limits: TimestampLimits,
 ) -> FeedPipeline:
     feed_metrics = metrics.for_feed(feed.name, poll_interval_s=feed.poll_interval_s)
     client = FeedClient(
@@ -131,7 +154,7 @@ def _build_pipeline(
     return FeedPipeline(
         name=feed.name,
         client=client,
-        publisher_factory=_publisher_factory(settings, feed_metrics, transactional_id),
+        publisher_slot=_publisher_slot(settings, feed_metrics, transactional_id),
         encoder=_encoder(settings),
         cursor_store=cursor_store,
         topic=k.topic,
@@ -141,6 +164,7 @@ def _build_pipeline(
         flush_timeout_s=k.flush_timeout_s,
         exactly_once=exactly_once,
         ids_ascending=feed.ids_ascending,
+        timestamp_limits=limits,
     )
 
 
@@ -149,7 +173,7 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
 
     Returns the runners, whose `error` says which stopped on a fatal error.
     """
-    _provision(settings)
+    limits = _provision(settings)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     sftp_metrics = SftpMetrics(registry) if settings.sftp else None
@@ -177,6 +201,7 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
             ),
             cursor_store=_cursor_store(settings, feed),
             exactly_once=exactly_once,
+            limits=limits,
         )
         runner = FeedRunner(
             pipeline,
@@ -196,7 +221,7 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
         source = paired.get(feed.name)
         if source is not None and sftp_metrics is not None:
             collector = _build_sftp(
-                settings, source, metrics, sftp_metrics, stop,
+                settings, source, metrics, sftp_metrics, stop, limits=limits,
                 slot=pipeline.slot, feed_cursor=pipeline.cursor_store.load,
             )  # fmt: skip
             pipeline.covered_by = collector.published_ids
@@ -204,7 +229,7 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
         units.append(Unit(f"feed-{feed.name}", group))
     for source in settings.sftp:
         if not source.pairs_with_feed and sftp_metrics is not None:
-            collector = _build_sftp(settings, source, metrics, sftp_metrics, stop)
+            collector = _build_sftp(settings, source, metrics, sftp_metrics, stop, limits=limits)
             units.append(Unit(f"sftp-{source.name}", [_sftp_runner(collector, source)]))
     threads: list[threading.Thread] = []
     for unit in units:
@@ -245,6 +270,7 @@ def _build_sftp(
     sftp_metrics: SftpMetrics,
     stop: threading.Event,
     *,
+    limits: TimestampLimits,
     slot: PublisherSlot | None = None,
     feed_cursor: Callable[[], int] | None = None,
 ) -> FileCollector:
@@ -256,7 +282,7 @@ def _build_sftp(
         transactional_id = (
             f"{k.transactional_id_prefix}-sftp-{source.name}" if exactly_once else None
         )
-        slot = PublisherSlot(_publisher_factory(settings, source_metrics, transactional_id))
+        slot = _publisher_slot(settings, source_metrics, transactional_id)
     server = SftpServer(
         source.host,
         source.port,
@@ -294,6 +320,7 @@ def _build_sftp(
             dead_letter_topic=k.dead_letter_topic,
             metrics=source_metrics,
             flush_timeout_s=k.flush_timeout_s,
+            timestamp_limits=limits,
         ),
         cursor_store=store,
         sftp_metrics=sftp_metrics.for_source(source.name),
@@ -339,7 +366,7 @@ def backfill(
     servicesonly: bool,
 ) -> Runner:
     """Publish one day (or hour) of `feed` again, without reading or moving its live cursor."""
-    _provision(settings)
+    limits = _provision(settings)
     metrics = Metrics(CollectorRegistry())
     # The live cursor is neither read nor moved: the backfill keeps its own in memory.
     pipeline = _build_pipeline(
@@ -357,6 +384,7 @@ def backfill(
         ),
         cursor_store=MemoryCursorStore(0),
         exactly_once=False,  # a backfill re-publishes on purpose; it has no cursor to protect
+        limits=limits,
     )
     runner = FeedRunner(
         pipeline,

@@ -13,6 +13,8 @@
         +-- FeedUnavailableError      connection trouble, timeout, 5xx, 429
         +-- BadResponseError          a body that is not a feed response (HTML, truncated...)
         +-- DeliveryError             Kafka did not confirm an event
+        |   +-- MessagesRejectedError Kafka refused some messages for what they are
+        +-- EventsRejectedError       some events of a transaction were refused: replay it
         +-- RegistryUnavailableError  the schema registry is unreachable, 5xx or 429
         +-- SftpUnavailableError      the SFTP server is unreachable, times out or drops us
 
@@ -21,6 +23,8 @@ the dead-letter topic and is counted (the "skippable" class of errors).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class StreamerError(Exception):
@@ -94,6 +98,25 @@ class DeliveryError(RetriableError):
     def __init__(self, message: str, *, needs_new_producer: bool = False) -> None:
         super().__init__(message)
         self.needs_new_producer = needs_new_producer
+
+
+class MessagesRejectedError(DeliveryError):
+    """Kafka refused messages for something about them (timestamp, size, record, policy).
+
+    Nothing about Kafka itself failed: `rejected` holds each refused message, so the
+    sink can find the culprits and dead-letter them while the rest goes on.
+    """
+
+    def __init__(self, message: str, *, rejected: list[Any]) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+
+
+class EventsRejectedError(RetriableError):
+    """Exactly-once: Kafka refused some events, so their transaction was aborted.
+
+    The culprits are known by CDR ID; the replay of the poll dead-letters them.
+    """
 
 
 class RegistryUnavailableError(RetriableError):

@@ -226,6 +226,20 @@ class Metrics:
             ["feed"],
             registry=registry,
         )
+        self.timestamps_replaced = Counter(
+            f"{PREFIX}_timestamps_replaced_total",
+            "Events whose call time Kafka would refuse as a message timestamp (reason: "
+            "before_1970, too_old, in_future), published with the produce time instead.",
+            ["feed", "source", "reason"],
+            registry=registry,
+        )
+        self.repeated_failures = Gauge(
+            f"{PREFIX}_feed_repeated_failures",
+            "Polls in a row that failed the same way from the same cursor (0 after a "
+            "success): a feed held by input that breaks every time.",
+            ["feed"],
+            registry=registry,
+        )
         registry.register(_KafkaStatsCollector(self))
 
     def for_feed(
@@ -262,6 +276,9 @@ class FeedMetrics:
         self.delivery_errors = m.delivery_errors.labels(feed)
         self.received_bytes = m.received_bytes.labels(feed)
         self.request_duration = m.request_duration.labels(feed)
+        self.repeated_failures = m.repeated_failures.labels(feed)
+        for reason in ("before_1970", "too_old", "in_future"):
+            m.timestamps_replaced.labels(feed, source, reason)
         m.event_lag.labels(feed).set_function(self._lag)
         # Series of the bounded label sets exist from the start, at zero: a counter
         # that first appears at 1 would hide that increment from rate() and increase().
@@ -302,6 +319,10 @@ class FeedMetrics:
         if newest_event_s > self._newest_event_s:
             self._newest_event_s = newest_event_s
             self.newest_event.set(newest_event_s)
+
+    def timestamp_replaced(self, reason: str) -> None:
+        """One event published with the produce time as its timestamp, for `reason`."""
+        self.metrics.timestamps_replaced.labels(self.feed, self.source, reason).inc()
 
     def skip(self, reason: str, n: int = 1) -> None:
         """`n` rows not published again, for `reason` (one of SKIP_REASONS)."""

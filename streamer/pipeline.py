@@ -34,8 +34,9 @@ from functools import partial
 from typing import Protocol, cast
 
 from streamer.cursor import CursorStore, IdRanges, TransactionalCursorStore, is_transactional_store
+from streamer.errors import DeliveryError, EventsRejectedError, MessagesRejectedError
 from streamer.metrics import FeedMetrics
-from streamer.publisher import Publisher
+from streamer.publisher import Publisher, TimestampLimits
 from streamer.records import CallRecord, Rejection, Row, to_record
 from streamer.sink import Batch, Encoder, EventSink, PublisherSlot
 from streamer.sources.feed import FeedClient
@@ -121,6 +122,7 @@ class Drive:
     def run(self, rows: Iterable[Row | Rejection]) -> None:
         """Handle every row; may raise from the rows' iterator (the batch stays open)."""
         sink, publisher, position, tally = self.sink, self.publisher, self.position, self.tally
+        refused = sink.refused
         next_progress = time.monotonic() + PROGRESS_EVERY_S
         for row in rows:
             tally.rows += 1
@@ -132,8 +134,12 @@ class Drive:
                 tally.skipped[skip] += 1
                 continue
             # Step 4: produce the event or the dead letter.
+            if isinstance(item, CallRecord) and refused and item.id in refused:
+                # Exactly-once replay of a transaction Kafka refused this event in.
+                raw = row.raw if isinstance(row, Row) else ""
+                item = Rejection("kafka_rejected", refused[item.id], raw, item.id)
             if isinstance(item, CallRecord):
-                sink.publish(publisher, item, self.batch, self.headers)
+                sink.publish(publisher, item, self.batch, self.headers, row.raw)
                 tally.published += 1
             else:
                 sink.dead_letter(publisher, item, self.batch, fromid=self.fromid, file=self.file)
@@ -146,17 +152,63 @@ class Drive:
                 self.progress(tally)
 
     def checkpoint(self) -> None:
-        """Step 5: flush and check every delivery report, then commit the cursor."""
+        """Step 5: flush and check every delivery report, then commit the cursor.
+
+        Kafka may refuse some events for what they are (a timestamp, a size, a policy):
+        those go to the dead-letter topic with the broker's reason, and the rest of the
+        batch is committed. At least once, at once; exactly once, the transaction is
+        aborted and the poll replayed with them dead-lettered (EventsRejectedError).
+        """
         commit = self.position.commit()
-        self.sink.confirm(
-            self.publisher,
-            self.batch,
-            cursor_messages=commit.messages if commit is not None else (),
-            on_confirmed=commit.on_confirmed if commit is not None else None,
-        )
+        messages = commit.messages if commit is not None else ()
+        on_confirmed = commit.on_confirmed if commit is not None else None
+        try:
+            self.sink.confirm(
+                self.publisher, self.batch, cursor_messages=messages, on_confirmed=on_confirmed
+            )
+        except MessagesRejectedError as exc:
+            self._dead_letter_refused(exc)
+            self.sink.confirm(
+                self.publisher, self.batch, cursor_messages=(), on_confirmed=on_confirmed
+            )
         self.batch = Batch()
         if self.on_checkpoint is not None:
             self.on_checkpoint()
+
+
+    def _dead_letter_refused(self, exc: MessagesRejectedError) -> None:
+        sink, publisher = self.sink, self.publisher
+        refused = sink.isolate(publisher, exc.rejected, self.batch)
+        events = [r for r in refused if r.topic == sink.topic and r.cdr_id is not None]
+        others = [r for r in refused if r not in events]
+        for r in events:
+            log.warning(
+                "%s %s: Kafka refused the event of CDR %s (%s); it goes to the dead-letter "
+                "topic", sink.source, sink.name, r.cdr_id, r.reason,
+            )  # fmt: skip
+        if others:
+            # A dead letter or cursor record Kafka refuses on its own: nothing to fall back to.
+            raise DeliveryError(
+                f"Kafka refused {len(others)} dead letters or cursor records: "
+                f"{others[0].reason}"
+            ) from exc
+        if publisher.transactional_id:
+            sink.refuse(events)
+            raise EventsRejectedError(
+                f"Kafka refused {len(events)} events (CDR "
+                f"{', '.join(str(r.cdr_id) for r in events[:5])}"
+                f"{' ...' if len(events) > 5 else ''}): the transaction is aborted and the "
+                "poll replayed with them dead-lettered"
+            ) from exc
+        for r in events:
+            assert r.cdr_id is not None
+            rejection = Rejection(
+                "kafka_rejected", f"Kafka refused the event: {r.reason}",
+                self.batch.sent[r.value].raw if r.value in self.batch.sent else "", r.cdr_id,
+            )  # fmt: skip
+            sink.dead_letter(publisher, rejection, self.batch, fromid=self.fromid, file=self.file)
+            self.tally.published -= 1
+            self.tally.dead_lettered += 1
 
 
 class FeedPosition:
@@ -273,6 +325,7 @@ class FeedPipeline:
         exactly_once: bool = False,
         ids_ascending: bool = False,
         covered_by: Callable[[], Container[int]] | None = None,
+        timestamp_limits: TimestampLimits | None = None,
     ) -> None:
         if exactly_once and not is_transactional_store(cursor_store):
             raise TypeError("exactly-once needs a cursor store that can join a transaction")
@@ -304,6 +357,7 @@ class FeedPipeline:
             dead_letter_topic=dead_letter_topic,
             metrics=metrics,
             flush_timeout_s=flush_timeout_s,
+            timestamp_limits=timestamp_limits,
         )
 
     @property
@@ -338,6 +392,7 @@ class FeedPipeline:
                 forget()
             raise
         self.last_cursor = result.cursor_after
+        self.sink.forget_refused_through(result.cursor_after)
         self.metrics.skip("below_cursor", result.skipped)
         self.metrics.skip("duplicate", result.duplicates)
         self.metrics.skip("covered_by_sftp", result.covered)

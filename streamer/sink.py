@@ -7,16 +7,17 @@ producer of its `PublisherSlot`; a feed and the SFTP source paired with it share
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from streamer.avro import timestamp_ms
 from streamer.deadletter import encode_dead_letter
 from streamer.errors import DeliveryError
 from streamer.metrics import FeedMetrics
-from streamer.publisher import Publisher
+from streamer.publisher import Publisher, RejectedMessage, TimestampLimits
 from streamer.records import CallRecord, Rejection
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,43 @@ class Batch:
     rejected: Counter[str] = field(default_factory=Counter)
     newest_event_ms: int = 0
     size: int = 0
+    # What each message of the batch was, by its value: Kafka's report of a refused
+    # message carries neither headers nor timestamp, and its dead letter needs the raw
+    # row (EventSink.isolate, Drive.checkpoint). Values are unique: each holds its ID.
+    sent: dict[bytes, Sent] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """One produced message as the batch remembers it."""
+
+    cdr_id: int | None
+    raw: str
+    timestamp_ms: int
+    headers: list[tuple[str, str | bytes | None]]
+
+
+# Kept this far inside the topic's limits: a batch may reach the broker minutes later.
+TIMESTAMP_SLACK_MS = 300_000
+_TIMESTAMP_REFRESH_EVERY = 10_000  # publishes between recomputing the limits against now
+
+
+MAX_REFUSED_KEPT = 10_000
+
+
+def _bisect(
+    probe: Callable[[list[RejectedMessage]], list[RejectedMessage]],
+    messages: list[RejectedMessage],
+) -> list[RejectedMessage]:
+    failed = probe(messages)
+    if not failed:
+        return []
+    if len(messages) == 1:
+        return failed
+    if len(failed) < len(messages):
+        return _bisect(probe, failed)
+    half = len(messages) // 2
+    return _bisect(probe, messages[:half]) + _bisect(probe, messages[half:])
 
 
 class Encoder(Protocol):
@@ -45,9 +83,19 @@ class PublisherSlot:
     mode both write through one transactional producer, one transaction at a time.
     """
 
-    def __init__(self, factory: Callable[[], Publisher]) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], Publisher],
+        probe_factory: Callable[[], Publisher] | None = None,
+    ) -> None:
         self._factory = factory
+        # Exactly-once: builds a producer of its own transactional id, for the aborted
+        # transactions that find which messages Kafka refuses (EventSink.isolate).
+        self._probe_factory = probe_factory
         self._publisher: Publisher | None = None
+
+    def probe_publisher(self) -> Publisher | None:
+        return self._probe_factory() if self._probe_factory is not None else None
 
     def get(self) -> Publisher:
         if self._publisher is None:
@@ -84,6 +132,7 @@ class EventSink:
         dead_letter_topic: str,
         metrics: FeedMetrics,
         flush_timeout_s: float,
+        timestamp_limits: TimestampLimits | None = None,
     ) -> None:
         self.name = name
         self.source = source
@@ -97,6 +146,39 @@ class EventSink:
             ("source", source.encode()),
             ("feed", name.encode()),
         ]
+        self.timestamp_limits = timestamp_limits or TimestampLimits()
+        self._ts_lo, self._ts_hi, self._ts_refresh = 0, 0, 0
+        self._refresh_timestamp_limits()
+        self._warned_timestamp = False
+        # Exactly-once: CDR IDs whose event Kafka refused, with its reason. The replay of
+        # the aborted transaction dead-letters them (Drive.run). Bounded; pruned by cursor.
+        self.refused: dict[int, str] = {}
+
+    def _refresh_timestamp_limits(self) -> None:
+        limits, now_ms = self.timestamp_limits, int(time.time() * 1000)
+        lo, hi = 0, 2**63 - 1  # before 1970 is out, always
+        if not limits.log_append_time:
+            if limits.before_max_ms is not None:
+                lo = max(0, now_ms - limits.before_max_ms + TIMESTAMP_SLACK_MS)
+            if limits.after_max_ms is not None:
+                hi = now_ms + max(0, limits.after_max_ms - TIMESTAMP_SLACK_MS)
+        self._ts_lo, self._ts_hi = lo, hi
+        self._ts_refresh = _TIMESTAMP_REFRESH_EVERY
+
+    def _replaced_timestamp(self, record: CallRecord, ts: int) -> str:
+        """Why the call's time cannot be the message timestamp (counted, warned once)."""
+        reason = "before_1970" if ts < 0 else "too_old" if ts < self._ts_lo else "in_future"
+        self.metrics.timestamp_replaced(reason)
+        if not self._warned_timestamp:
+            self._warned_timestamp = True
+            log.warning(
+                "%s %s: CDR %d has UTCDateTime %s, which Kafka would refuse as a message "
+                "timestamp (%s): published with the produce time as its timestamp and a "
+                "timestamp_replaced header; further ones are only counted "
+                "(cdr_streamer_timestamps_replaced_total)",
+                self.source, self.name, record.id, record.utc_datetime.isoformat(), reason,
+            )  # fmt: skip
+        return reason
 
     def publish(
         self,
@@ -104,16 +186,28 @@ class EventSink:
         record: CallRecord,
         batch: Batch,
         headers: Sequence[tuple[str, str | bytes | None]] = (),
+        raw: str = "",
     ) -> None:
         """Produce the record's event, keyed by AccountCode, stamped with the call's time."""
         ts = timestamp_ms(record)
+        self._ts_refresh -= 1
+        if self._ts_refresh <= 0:
+            self._refresh_timestamp_limits()
+        message_ts = ts
+        all_headers = [("cdr_id", str(record.id).encode()), *self._headers_base, *headers]
+        if not self._ts_lo <= ts <= self._ts_hi:
+            reason = self._replaced_timestamp(record, ts)
+            message_ts = 0  # librdkafka: the produce time
+            all_headers.append(("timestamp_replaced", reason.encode()))
+        value = self.encoder.encode(record)
         publisher.produce(
             self.topic,
             record.account_code.encode("utf-8"),
-            self.encoder.encode(record),
-            timestamp_ms=ts,
-            headers=[("cdr_id", str(record.id).encode()), *self._headers_base, *headers],
+            value,
+            timestamp_ms=message_ts,
+            headers=all_headers,
         )
+        batch.sent[value] = Sent(record.id, raw, message_ts, all_headers)
         batch.published[(record.status, record.direction, record.call_type)] += 1
         if ts > batch.newest_event_ms:
             batch.newest_event_ms = ts
@@ -135,14 +229,11 @@ class EventSink:
         ]
         if file is not None:
             headers.append(("file", file.encode("utf-8")))
-        publisher.produce(
-            self.dead_letter_topic,
-            self.name.encode("utf-8"),
-            encode_dead_letter(
-                rejection, feed=self.name, source=self.source, fromid=fromid, file=file
-            ),
-            headers=headers,
+        value = encode_dead_letter(
+            rejection, feed=self.name, source=self.source, fromid=fromid, file=file
         )
+        publisher.produce(self.dead_letter_topic, self.name.encode("utf-8"), value, headers=headers)
+        batch.sent[value] = Sent(None, rejection.raw, 0, headers)
         batch.rejected[rejection.reason] += 1
         batch.size += 1
 
@@ -172,6 +263,47 @@ class EventSink:
             raise
         self.metrics.confirmed(batch.published, batch.rejected, batch.newest_event_ms / 1000)
         self.metrics.in_flight.set(0)
+
+    def isolate(
+        self, publisher: Publisher, rejected: list[RejectedMessage], batch: Batch
+    ) -> list[RejectedMessage]:
+        """The messages Kafka refuses on their own, out of a batch it refused.
+
+        Kafka refuses a whole produce request for one bad record, so the refused ones are
+        produced again, halving the set that fails until each culprit stands alone. At
+        least once, the others are thereby delivered; exactly once, every try is an
+        aborted transaction of a separate producer, and nothing becomes visible.
+        """
+        timeout_s = self.flush_timeout_s
+        # Kafka's reports lack headers and timestamps: restore them from the batch.
+        restored = []
+        for m in rejected:
+            sent = batch.sent.get(m.value)
+            if sent is not None:
+                m = replace(m, headers=sent.headers, timestamp_ms=sent.timestamp_ms)
+            restored.append(m)
+        rejected = restored
+        prober = self.slot.probe_publisher() if publisher.transactional_id else publisher
+        if prober is None:
+            raise DeliveryError("no producer to find the refused messages with")
+        try:
+            return _bisect(lambda ms: prober.probe(ms, timeout_s), rejected)
+        finally:
+            if prober is not publisher:
+                prober.close(0)
+
+    def refuse(self, messages: list[RejectedMessage]) -> None:
+        """Exactly-once: remember refused events; the replay of their poll dead-letters them."""
+        for m in messages:
+            if m.cdr_id is not None:
+                self.refused[m.cdr_id] = m.reason
+        while len(self.refused) > MAX_REFUSED_KEPT:
+            del self.refused[next(iter(self.refused))]
+
+    def forget_refused_through(self, cursor: int) -> None:
+        """IDs at or below a committed cursor are done with."""
+        if self.refused:
+            self.refused = {i: r for i, r in self.refused.items() if i > cursor}
 
     def recover(self, publisher: Publisher, exc: BaseException) -> None:
         """After a failed poll: nothing of an open transaction may become visible."""

@@ -34,6 +34,11 @@ MALFORMATIONS: tuple[str, ...] = (
     "bad_date", "bad_time", "bad_id", "wrong_field_count", "empty_account", "bad_decimal",
 )  # fmt: skip
 
+# Valid CDRs that are odd in a way Kafka or its consumers care about (`odd_rows`):
+# a call time 2 h ahead of now (provider clock skew), one before 1970, a 3,000-character
+# description of 30,000 random letters (an event over a small max.message.bytes).
+ODDITIES: tuple[str, ...] = ("future_utc", "before_1970", "long_text")
+
 DateStyle = Literal["iso", "nz"]
 DateTimeStyle = Literal["space", "iso_t", "iso_z", "offset", "nz"]
 EmptyStyle = Literal["empty", "header"]
@@ -74,6 +79,8 @@ class SimulatorConfig:
     # An exchange fault: every call from this ID on ends Busy or Unallocated (0: never).
     # For demos and tests of the error-Status metrics and alert; lower IDs are unchanged.
     status_fault_from_id: int = 0
+    # "ID:kind,ID:kind": those IDs' CDRs are odd in one of ODDITIES' ways (valid, but odd).
+    odd_rows: str = ""
     # Output variants
     max_rows: int | None = None  # provider page cap; None: every matching row
     header: bool = True  # delimited formats only
@@ -135,5 +142,21 @@ class SimulatorConfig:
         for name in ("malformed_rate", "error_rate", "rate_limit_rate", "truncate_rate",
                      "html_error_rate"):  # fmt: skip
             check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be within 0..1")
+        try:
+            self.odd_row_map()
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise ConfigError("invalid simulator config: " + "; ".join(problems))
+
+    def odd_row_map(self) -> dict[int, str]:
+        """`odd_rows` as {ID: kind}; ValueError if it is not "ID:kind,..." with known kinds."""
+        out: dict[int, str] = {}
+        for part in filter(None, (p.strip() for p in self.odd_rows.split(","))):
+            text, _, kind = part.partition(":")
+            if not text.isdigit() or kind not in ODDITIES:
+                raise ValueError(
+                    f"odd_rows entry {part!r} is not ID:kind with kind one of {', '.join(ODDITIES)}"
+                )
+            out[int(text)] = kind
+        return out

@@ -8,6 +8,7 @@ import itertools
 import logging
 import math
 import random
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -196,6 +197,7 @@ class CdrGenerator:
         accounts: int = 50,
         malformed_rate: float = 0.0,
         status_fault_from_id: int = 0,
+        odd_rows: Mapping[int, str] | None = None,
     ) -> None:
         if start.tzinfo is None:
             raise ValueError("start must be timezone-aware")
@@ -207,6 +209,8 @@ class CdrGenerator:
         self._jitter = jitter_s
         self._malformed_rate = malformed_rate
         self._status_fault_from = status_fault_from_id
+        self._odd = dict(odd_rows or {})
+        self._now_epoch = math.floor(time.time())  # "now" for future_utc, fixed per generator
         digest = hashlib.sha256(f"cdr-streamer rows {seed}".encode()).digest()
         # Random(int) seeds from every bit of the int: (key << 64 | id) is one stream per row.
         self._row_key = int.from_bytes(digest[:8], "big") << 64
@@ -236,6 +240,11 @@ class CdrGenerator:
         rng = random.Random(self._row_key | cdr_id)
         epoch = self._start_epoch + math.floor(cdr_id * self._gap)
         epoch += rng.randint(-self._jitter, self._jitter)
+        odd = self._odd.get(cdr_id)
+        if odd == "future_utc":
+            epoch = self._now_epoch + 7200
+        elif odd == "before_1970":
+            epoch = -86_400 * 200  # 1969-06-15
         account = self.accounts[_pick(rng, self._account_cum)]
         utc = datetime.fromtimestamp(epoch, UTC)
         local = datetime.fromtimestamp(epoch, self._zones[account.zone])
@@ -246,6 +255,9 @@ class CdrGenerator:
             usage = self._call(rng, account, failing=0 < self._status_fault_from <= cdr_id)
         # GST on the rounded amount, so that Charge == round(ChargeExcl * 1.15) holds on the wire
         charge_excl = usage.charge_excl.quantize(MONEY, rounding=ROUND_HALF_UP)
+        text_desc2 = usage.desc2
+        if odd == "long_text":  # 30,000 letters that do not compress: a ~30 KB event
+            text_desc2 = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=30_000))
         return {
             "ID": str(cdr_id),
             "AccountCode": account.code,
@@ -269,7 +281,7 @@ class CdrGenerator:
             "ChargeExcl": str(charge_excl),
             "FreeUnitsUsed": _money(usage.free_units),
             "TextDesc1": usage.desc1,
-            "TextDesc2": usage.desc2,
+            "TextDesc2": text_desc2,
             "ReleaseCause": usage.release_cause,
             "Status": usage.status,
             "ServiceType": account.service_type,

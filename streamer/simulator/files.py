@@ -60,6 +60,7 @@ def write_files(
         accounts=config.accounts,
         malformed_rate=config.malformed_rate,
         status_fault_from_id=config.status_fault_from_id,
+        odd_rows=config.odd_row_map(),
     )
     directory.mkdir(parents=True, exist_ok=True)
     step = CADENCES[cadence]

@@ -421,6 +421,7 @@ class BillingFeedSimulator:
             accounts=config.accounts,
             malformed_rate=config.malformed_rate,
             status_fault_from_id=config.status_fault_from_id,
+            odd_rows=config.odd_row_map(),
         )
         self.store = FeedStore(
             self.generator,

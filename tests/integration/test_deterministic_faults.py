@@ -1,0 +1,120 @@
+"""Input that fails the same way every time must not stall a feed (issue 10).
+
+Valid CDRs that Kafka refuses as they are, or whose call time Kafka would refuse as
+a message timestamp: each good row is published, each bad one dead-lettered once
+with the broker's reason, the cursor reaches the last ID, in both delivery modes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+from helpers import (
+    FEED_PASSWORD,
+    read_cursor,
+    read_cursor_topic,
+    read_dead_letters,
+    read_events,
+    run_streamer,
+)
+
+from streamer.simulator import BillingFeedSimulator, SimulatorConfig
+
+BACKLOG = 300
+MODES = [
+    pytest.param({}, id="at-least-once"),
+    pytest.param({"delivery": "exactly_once", "cursor_store": "kafka"}, id="exactly-once"),
+]
+
+
+def _feed(sim: BillingFeedSimulator, tmp_path: Path) -> dict[str, object]:
+    return {
+        "name": "main",
+        "url": sim.url,
+        "login": "81234567",
+        "cursor_file": str(tmp_path / "cursor.json"),
+        "poll_interval_s": 1,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.05,
+    }
+
+
+def _cursor(kafka_bootstrap: str, topic: str, mode: dict[str, str], tmp_path: Path) -> int | None:
+    if mode:
+        return read_cursor_topic(kafka_bootstrap, f"{topic}-cursors", "main")
+    return read_cursor(tmp_path / "cursor.json")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_call_times_kafka_would_refuse_are_published_with_the_produce_time(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    topic_name: str,
+    streamer_config: Callable[..., Path],
+    mode: dict[str, str],
+) -> None:
+    odd = {20: "future_utc", 21: "before_1970", 150: "future_utc"}
+    config_text = ",".join(f"{i}:{kind}" for i, kind in odd.items())
+    sim = BillingFeedSimulator(
+        SimulatorConfig(password=FEED_PASSWORD, backlog=BACKLOG, odd_rows=config_text)
+    )
+    with sim:
+        config = streamer_config(
+            [_feed(sim, tmp_path)], cursor_topic=f"{topic_name}-cursors", **mode
+        )
+        done = run_streamer("run", "--config", str(config), "--once", timeout_s=120)
+    assert done.returncode == 0, done.stderr
+    events = read_events(kafka_bootstrap, topic_name)
+    ids = Counter(e.value["ID"] for e in events)
+    assert set(ids) == set(range(1, BACKLOG + 1))
+    assert max(ids.values()) == 1
+    replaced = {e.value["ID"]: e for e in events if "timestamp_replaced" in e.headers}
+    assert set(replaced) == set(odd)
+    assert replaced[21].headers["timestamp_replaced"] == b"before_1970"
+    assert replaced[20].headers["timestamp_replaced"] == b"in_future"
+    assert all(e.timestamp_ms > 0 for e in events)  # nothing before 1970 on the topic
+    assert _cursor(kafka_bootstrap, topic_name, mode, tmp_path) == BACKLOG
+    assert done.stderr.count("which Kafka would refuse as a message timestamp") == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_event_kafka_refuses_is_dead_lettered_and_the_rest_committed(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    topic_name: str,
+    streamer_config: Callable[..., Path],
+    mode: dict[str, str],
+) -> None:
+    # A topic whose max.message.bytes a 30 KB event exceeds; ordinary batches fit.
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    topic = NewTopic(topic_name, 3, 1, config={"max.message.bytes": "20000"})
+    admin.create_topics([topic])[topic_name].result()
+    refused = {40, 222}
+    sim = BillingFeedSimulator(
+        SimulatorConfig(
+            password=FEED_PASSWORD, backlog=BACKLOG,
+            odd_rows=",".join(f"{i}:long_text" for i in sorted(refused)),
+        )
+    )  # fmt: skip
+    with sim:
+        config = streamer_config(
+            [_feed(sim, tmp_path)], cursor_topic=f"{topic_name}-cursors", **mode
+        )
+        done = run_streamer("run", "--config", str(config), "--once", timeout_s=180)
+    assert done.returncode == 0, done.stderr
+    ids = Counter(e.value["ID"] for e in read_events(kafka_bootstrap, topic_name))
+    assert set(ids) == set(range(1, BACKLOG + 1)) - refused
+    assert max(ids.values()) == 1  # the isolation re-produced nothing twice
+    dead = read_dead_letters(kafka_bootstrap, topic_name)
+    assert sorted(d["id"] for d in dead) == sorted(refused)
+    for d in dead:
+        assert d["reason"] == "kafka_rejected"
+        assert "Kafka refused" in d["detail"] or "Broker" in d["detail"]
+        assert str(d["id"]) in d["raw"]  # the raw row, from the feed
+    assert _cursor(kafka_bootstrap, topic_name, mode, tmp_path) == BACKLOG
+    for cdr_id in refused:
+        assert f"Kafka refused the event of CDR {cdr_id}" in done.stderr
