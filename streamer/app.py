@@ -148,6 +148,7 @@ def _build_pipeline(
         backoff=Backoff(feed.backoff_base_s, feed.backoff_max_s),
         stop=stop,
         on_request=feed_metrics.request,
+        name=feed.name,
     )
     k = settings.kafka
     transactional_id = f"{k.transactional_id_prefix}-{feed.name}" if exactly_once else None

@@ -83,7 +83,10 @@ REQUEST_OUTCOMES = (
 )
 KNOWN_OUTCOMES = frozenset({*REQUEST_OUTCOMES, "error"})
 KNOWN_REASONS = frozenset(REASONS)
-SKIP_REASONS = ("below_cursor", "duplicate", "covered_by_feed", "covered_by_sftp")
+SKIP_REASONS = (
+    "below_cursor", "duplicate", "covered_by_feed", "covered_by_sftp", "confirmed_before",
+    "dead_lettered_before",
+)  # fmt: skip
 # What went wrong talking to an SFTP server (streamer/sources/sftp.py decides which).
 SFTP_ERROR_KINDS = (
     "connection_error", "timeout", "auth_error", "host_key", "unreadable_file", "after_action",

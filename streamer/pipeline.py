@@ -25,6 +25,7 @@ Steps 4 and 5 are shared with the SFTP collector (streamer/sources/sftp.py) thro
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -33,8 +34,21 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol, cast
 
-from streamer.cursor import CursorStore, IdRanges, TransactionalCursorStore, is_transactional_store
-from streamer.errors import DeliveryError, EventsRejectedError, MessagesRejectedError
+from streamer.cursor import (
+    CursorStore,
+    FeedCursor,
+    IdRanges,
+    TransactionalCursorStore,
+    is_transactional_store,
+)
+from streamer.errors import (
+    BadResponseError,
+    DeliveryError,
+    EventsRejectedError,
+    FeedUnavailableError,
+    MessagesRejectedError,
+    StreamerError,
+)
 from streamer.metrics import FeedMetrics
 from streamer.publisher import Publisher, TimestampLimits
 from streamer.records import CallRecord, Rejection, Row, to_record
@@ -44,6 +58,8 @@ from streamer.sources.feed import FeedClient
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 10.0
+REPEATED_FAILURES_WARN = 3  # same cursor, same failure, this many times: say so loudly
+MAX_WITHOUT_ID_KEPT = 1000  # digests of rows without an ID, kept in the cursor
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +78,7 @@ class Commit:
 class Position(Protocol):
     """A source's progress through one poll, as the drive loop sees it, row by row."""
 
-    def admit(self, cdr_id: int | None) -> str | None:
+    def admit(self, cdr_id: int | None, raw: str) -> str | None:
         """Called for every row, in order: None to handle it, else why it is skipped."""
         ...
 
@@ -70,8 +86,8 @@ class Position(Protocol):
         """May a checkpoint be taken now, mid-stream, without risking a skipped row?"""
         ...
 
-    def commit(self) -> Commit | None:
-        """What a checkpoint now commits; None when the cursor would not move."""
+    def commit(self, *, broken: bool = False) -> Commit | None:
+        """What a checkpoint now commits (`broken`: after the rows broke off); None: nothing."""
         ...
 
 
@@ -129,7 +145,7 @@ class Drive:
             # Step 3: type the row; a row that cannot be typed becomes a rejection.
             item = row if isinstance(row, Rejection) else to_record(row)
             cdr_id = item.id if isinstance(item, CallRecord) else item.cdr_id
-            skip = position.admit(cdr_id)
+            skip = position.admit(cdr_id, row.raw)
             if skip is not None:
                 tally.skipped[skip] += 1
                 continue
@@ -151,15 +167,17 @@ class Drive:
                 next_progress += PROGRESS_EVERY_S
                 self.progress(tally)
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, *, broken: bool = False) -> None:
         """Step 5: flush and check every delivery report, then commit the cursor.
+
+        `broken`: the rows broke off (a cut body); the source commits what it safely can.
 
         Kafka may refuse some events for what they are (a timestamp, a size, a policy):
         those go to the dead-letter topic with the broker's reason, and the rest of the
         batch is committed. At least once, at once; exactly once, the transaction is
         aborted and the poll replayed with them dead-lettered (EventsRejectedError).
         """
-        commit = self.position.commit()
+        commit = self.position.commit(broken=broken)
         messages = commit.messages if commit is not None else ()
         on_confirmed = commit.on_confirmed if commit is not None else None
         try:
@@ -212,18 +230,20 @@ class Drive:
 
 
 class FeedPosition:
-    """A feed's position within one response: the committed cursor, and the highest ID handled.
+    """A feed's position within one response: the committed cursor, and what was handled.
 
     Rows at or below the cursor are skipped (`below_cursor`), repeated IDs too
-    (`duplicate`), and IDs the paired SFTP source published (`covered_by_sftp`; the
-    cursor moves over them). Mid-response checkpoints are safe only while the response
-    keeps to ID order (with `ids_ascending`).
+    (`duplicate`), IDs confirmed in an earlier try of this cursor (`confirmed_before`),
+    rows without an ID already dead-lettered at this cursor (`dead_lettered_before`),
+    and IDs the paired SFTP source published (`covered_by_sftp`; the cursor moves over
+    them). Mid-response checkpoints are safe only while the response keeps to ID order
+    (with `ids_ascending`).
     """
 
     def __init__(
         self,
         name: str,
-        fromid: int,
+        start: FeedCursor,
         store: CursorStore,
         *,
         exactly_once: bool,
@@ -231,18 +251,26 @@ class FeedPosition:
         covered: Container[int] | None,
     ) -> None:
         self.name = name
-        self.committed = fromid
-        self.high = fromid  # the highest ID handled (published or dead-lettered) so far
+        self.start = start
+        self.committed = start.cursor
+        self.high = start.cursor  # the highest ID handled (published or dead-lettered) so far
         self.store = store
         self.exactly_once = exactly_once
         self.ascending = ascending
         self.covered = covered
-        self._fromid = fromid
-        self._seen = IdRanges()
+        self._fromid = start.cursor
+        self._confirmed_before = IdRanges.of(start.confirmed)
+        self._without_id_before = frozenset(start.without_id)
+        self._without_id: list[str] = []  # digests of this response's rows without an ID
+        self._seen = IdRanges()  # every ID of this response handled so far
 
-    def admit(self, cdr_id: int | None) -> str | None:
+    def admit(self, cdr_id: int | None, raw: str) -> str | None:
         if cdr_id is None:
-            return None
+            digest = hashlib.blake2b(raw.encode("utf-8", "surrogatepass"), digest_size=12)
+            key = digest.hexdigest()
+            if len(self._without_id) < MAX_WITHOUT_ID_KEPT:
+                self._without_id.append(key)
+            return "dead_lettered_before" if key in self._without_id_before else None
         if cdr_id <= self._fromid:
             return "below_cursor"
         if not self._seen.add(cdr_id):
@@ -256,6 +284,8 @@ class FeedPosition:
                 "no more checkpoints until this response ends",
                 self.name, cdr_id, self.high,
             )  # fmt: skip
+        if cdr_id in self._confirmed_before:
+            return "confirmed_before"  # a try of this cursor that broke off confirmed it
         if self.covered is not None and cdr_id in self.covered:
             # The paired SFTP source published it: handled, not published again.
             return "covered_by_sftp"
@@ -265,18 +295,41 @@ class FeedPosition:
         # Everything up to `high` came before any higher ID.
         return self.ascending
 
-    def commit(self) -> Commit | None:
-        high = self.high
-        if high <= self.committed:
+    def commit(self, *, broken: bool = False) -> Commit | None:
+        """The cursor the checkpoint commits.
+
+        Normally `high`: every ID up to it came in this response. `broken`, after the
+        response broke off: the cursor moves only over IDs handled without a gap from
+        it, and every other ID handled is kept as confirmed above it.
+        """
+        if broken:
+            state = self._partial_state()
+        else:
+            confirmed = self._confirmed_before.copy()
+            confirmed.discard_through(self.high)
+            state = FeedCursor(self.high, tuple(confirmed), tuple(self._without_id))
+        if state == self.start and self.committed == state.cursor:
             return None
         if self.exactly_once:
             store = cast(TransactionalCursorStore, self.store)
-            return Commit((store.message(high),), partial(self._committed, store.committed, high))
-        return Commit((), partial(self._committed, self.store.commit, high))
+            on_confirmed = partial(self._committed, store.committed_state, state)
+            return Commit((store.message_state(state),), on_confirmed)
+        return Commit((), partial(self._committed, self.store.commit_state, state))
 
-    def _committed(self, commit: Callable[[int], None], high: int) -> None:
-        commit(high)
-        self.committed = high
+    def _partial_state(self) -> FeedCursor:
+        handled = IdRanges.of([*self._confirmed_before, *self._seen])
+        cursor = self._fromid
+        ranges = list(handled)
+        if ranges and ranges[0][0] <= cursor + 1:
+            cursor = max(cursor, ranges[0][1])
+        handled.discard_through(cursor)
+        without_id = tuple(dict.fromkeys((*self.start.without_id, *self._without_id)))
+        return FeedCursor(cursor, tuple(handled), without_id[-MAX_WITHOUT_ID_KEPT:])
+
+    def _committed(self, commit: Callable[[FeedCursor], None], state: FeedCursor) -> None:
+        commit(state)
+        self.committed = state.cursor
+        self.start = state
 
 
 @dataclass
@@ -291,6 +344,8 @@ class PollResult:
     skipped: int = 0
     duplicates: int = 0
     covered: int = 0  # rows the paired SFTP source had already published
+    confirmed_before: int = 0  # confirmed by an earlier try of this cursor that broke off
+    dead_lettered_before: int = 0  # rows without an ID, dead-lettered before
     seconds: float = 0.0
 
 
@@ -347,7 +402,9 @@ class FeedPipeline:
         self.exactly_once = exactly_once
         self.ids_ascending = ids_ascending
         self.covered_by = covered_by
-        self.last_cursor: int | None = None  # as of the last poll; for log lines only
+        self.last_cursor: int | None = None  # the last committed; for log lines only
+        self._last_failure: tuple[int, str, str] | None = None
+        self._same_failures = 0
         self.sink = EventSink(
             name=name,
             source=source,
@@ -376,15 +433,17 @@ class FeedPipeline:
         # transaction before we read the cursor, so the cursor we read is final.
         publisher = self.publisher
         # Step 1: the committed cursor is where this poll starts.
-        fromid = self.cursor_store.load()
+        start = self.cursor_store.load_state()
+        fromid = start.cursor
         self.last_cursor = fromid
         covered = self.covered_by() if self.covered_by is not None else None
         self.metrics.cursor.set(fromid)
         log.debug("feed %s: polling from cursor %d", self.name, fromid)
         result = PollResult(cursor_before=fromid, cursor_after=fromid)
         try:
-            self._poll(publisher, fromid, covered, result, started)
+            self._poll(publisher, start, covered, result, started)
         except BaseException as exc:
+            self._count_failure(fromid, exc)
             self.sink.recover(publisher, exc)
             forget = getattr(self.cursor_store, "forget", None)
             if self.exactly_once and forget is not None:
@@ -396,20 +455,40 @@ class FeedPipeline:
         self.metrics.skip("below_cursor", result.skipped)
         self.metrics.skip("duplicate", result.duplicates)
         self.metrics.skip("covered_by_sftp", result.covered)
+        self.metrics.skip("confirmed_before", result.confirmed_before)
+        self.metrics.skip("dead_lettered_before", result.dead_lettered_before)
         self.metrics.poll_succeeded()
+        self._same_failures, self._last_failure = 0, None
+        self.metrics.repeated_failures.set(0)
         result.seconds = time.monotonic() - started
         return result
+
+    def _count_failure(self, fromid: int, exc: BaseException) -> None:
+        """Polls failing the same way from the same cursor: a break that recurs every time."""
+        failure = (fromid, type(exc).__name__, getattr(exc, "reason", ""))
+        self._same_failures = self._same_failures + 1 if failure == self._last_failure else 1
+        self._last_failure = failure
+        self.metrics.repeated_failures.set(self._same_failures)
+        if self._same_failures == REPEATED_FAILURES_WARN:
+            log.error(
+                "feed %s: %d polls in a row from cursor %d failed the same way (%s); the rows "
+                "before the break are kept and not published again, but the provider's answer "
+                "breaks at the same place every time: check the provider, or narrow the "
+                "request (page_size, or a backfill by --date)",
+                self.name, self._same_failures, fromid, exc,
+            )  # fmt: skip
 
     def _poll(
         self,
         publisher: Publisher,
-        fromid: int,
+        start: FeedCursor,
         covered: Container[int] | None,
         result: PollResult,
         started: float,
     ) -> None:
+        fromid = start.cursor
         position = FeedPosition(
-            self.name, fromid, self.cursor_store, exactly_once=self.exactly_once,
+            self.name, start, self.cursor_store, exactly_once=self.exactly_once,
             ascending=self.ids_ascending, covered=covered,
         )  # fmt: skip
 
@@ -426,8 +505,13 @@ class FeedPipeline:
         )  # fmt: skip
         try:
             # Step 2: fetch; the rows arrive parsed as the body streams in.
-            with self.client.fetch(fromid) as rows:
-                drive.run(rows)
+            try:
+                with self.client.fetch(fromid) as rows:
+                    drive.run(rows)
+            except (BadResponseError, FeedUnavailableError) as exc:
+                if drive.tally.rows:
+                    self._keep_before_break(drive, position, exc)
+                raise
             # Step 5: every event and dead letter of the response confirmed -> commit.
             drive.checkpoint()
         finally:
@@ -438,6 +522,26 @@ class FeedPipeline:
             result.skipped = tally.skipped["below_cursor"]
             result.duplicates = tally.skipped["duplicate"]
             result.covered = tally.skipped["covered_by_sftp"]
+            result.confirmed_before = tally.skipped["confirmed_before"]
+            result.dead_lettered_before = tally.skipped["dead_lettered_before"]
+
+    def _keep_before_break(self, drive: Drive, position: FeedPosition, exc: Exception) -> None:
+        """The body broke off: commit the rows before the break, so no retry repeats them."""
+        try:
+            drive.checkpoint(broken=True)
+        except StreamerError as error:
+            log.warning(
+                "feed %s: could not keep the rows before the break (%s): %s",
+                self.name, exc, error,
+            )  # fmt: skip
+            return
+        state = position.start
+        log.info(
+            "feed %s: the response broke off after %d rows (%s); they are confirmed: cursor "
+            "%d, %d ID ranges above it kept so that no retry publishes them again",
+            self.name, drive.tally.rows, getattr(exc, "reason", type(exc).__name__),
+            state.cursor, len(state.confirmed),
+        )  # fmt: skip
 
     def _log_progress(self, position: FeedPosition, started: float, tally: Tally) -> None:
         elapsed = time.monotonic() - started

@@ -37,7 +37,8 @@ MALFORMATIONS: tuple[str, ...] = (
 # Valid CDRs that are odd in a way Kafka or its consumers care about (`odd_rows`):
 # a call time 2 h ahead of now (provider clock skew), one before 1970, a 3,000-character
 # description of 30,000 random letters (an event over a small max.message.bytes).
-ODDITIES: tuple[str, ...] = ("future_utc", "before_1970", "long_text")
+# And one broken way that no retry can mend: "no_id", the row written without its ID.
+ODDITIES: tuple[str, ...] = ("future_utc", "before_1970", "long_text", "no_id")
 
 DateStyle = Literal["iso", "nz"]
 DateTimeStyle = Literal["space", "iso_t", "iso_z", "offset", "nz"]

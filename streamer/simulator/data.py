@@ -306,6 +306,8 @@ class CdrGenerator:
     def wire_row(self, cdr_id: int, row: dict[str, str] | None = None) -> dict[str, str]:
         """The row as the feed writes it: `row(cdr_id)` with its malformation, if any, applied."""
         canonical = self.row(cdr_id) if row is None else row
+        if self._odd.get(cdr_id) == "no_id":
+            return {**canonical, "ID": ""}
         kind = self.malformation(cdr_id)
         if kind is None:
             return canonical

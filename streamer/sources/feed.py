@@ -129,7 +129,9 @@ class FeedClient:
         stop: threading.Event | None = None,
         on_request: Callable[[str, float, int], None] | None = None,
         transport: httpx.BaseTransport | None = None,
+        name: str = "",
     ) -> None:
+        self.name = name or (urlsplit(url).path or "/")  # the feed's name, for log lines
         self.url = url
         self.login = login
         self._password = password
@@ -183,7 +185,7 @@ class FeedClient:
                 delay = self.backoff.next_delay(exc.retry_after_s or 0.0)
                 log.warning(
                     "feed %s: %s; retry %d/%d in %.1f s",
-                    self._where,
+                    self.name,
                     exc,
                     attempt,
                     self.max_attempts - 1,

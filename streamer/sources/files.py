@@ -248,7 +248,7 @@ class FilePosition:
         self.state = state
         self.feed_cursor = feed_cursor
 
-    def admit(self, cdr_id: int | None) -> str | None:
+    def admit(self, cdr_id: int | None, raw: str) -> str | None:
         state = self.state
         state.rows += 1
         if self.feed_cursor is not None and cdr_id is not None:
@@ -262,7 +262,8 @@ class FilePosition:
     def checkpoint_safe(self) -> bool:
         return True
 
-    def commit(self) -> Commit:
+    def commit(self, *, broken: bool = False) -> Commit:
+        # A file's position is a row count: what was read is committed, broken or not.
         return self.collector.commit_for(self.state, self.feed_cursor)
 
 

@@ -118,3 +118,54 @@ def test_an_event_kafka_refuses_is_dead_lettered_and_the_rest_committed(
     assert _cursor(kafka_bootstrap, topic_name, mode, tmp_path) == BACKLOG
     for cdr_id in refused:
         assert f"Kafka refused the event of CDR {cdr_id}" in done.stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_body_cut_short_every_time_publishes_each_row_once(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    topic_name: str,
+    streamer_config: Callable[..., Path],
+    mode: dict[str, str],
+) -> None:
+    # Unsorted 100-row batches, each response cut inside its first batch, 4 times in a
+    # row (the streamer gives up after 5 failures with --once): the rows before each
+    # cut are kept, so no retry publishes them again, and the cursor moves over the
+    # IDs handled without a gap.
+    sim = BillingFeedSimulator(
+        SimulatorConfig(password=FEED_PASSWORD, backlog=BACKLOG, batch_rows=100, unsorted=True)
+    )
+    with sim:
+        sim.inject("truncate", count=4)
+        config = streamer_config(
+            [_feed(sim, tmp_path)], cursor_topic=f"{topic_name}-cursors", **mode
+        )
+        done = run_streamer("run", "--config", str(config), "--once", timeout_s=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("the response broke off after") == 4
+    ids = Counter(e.value["ID"] for e in read_events(kafka_bootstrap, topic_name))
+    assert set(ids) == set(range(1, BACKLOG + 1))
+    assert max(ids.values()) == 1  # no duplicate at all, though 4 responses broke off
+    assert _cursor(kafka_bootstrap, topic_name, mode, tmp_path) == BACKLOG
+
+
+def test_a_row_without_an_id_at_the_end_is_dead_lettered_once(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    topic_name: str,
+    streamer_config: Callable[..., Path],
+) -> None:
+    sim = BillingFeedSimulator(
+        SimulatorConfig(password=FEED_PASSWORD, backlog=100, odd_rows="100:no_id")
+    )
+    with sim:
+        config = streamer_config([_feed(sim, tmp_path)])
+        for _ in range(3):  # three polls, each ending in the same row without an ID
+            done = run_streamer("run", "--config", str(config), "--once", timeout_s=120)
+            assert done.returncode == 0, done.stderr
+    dead = read_dead_letters(kafka_bootstrap, topic_name)
+    assert len(dead) == 1
+    assert dead[0]["id"] is None
+    assert read_cursor(tmp_path / "cursor.json") == 99
+    ids = {e.value["ID"] for e in read_events(kafka_bootstrap, topic_name)}
+    assert ids == set(range(1, 100))
