@@ -153,8 +153,10 @@ class Metrics:
         self.skipped = Counter(
             f"{PREFIX}_rows_skipped_total",
             "Rows not published again: at or below the cursor (below_cursor), repeated "
-            "in one response (duplicate), or already published by the paired feed "
-            "(covered_by_feed) or SFTP source (covered_by_sftp).",
+            "in one response (duplicate), already published by the paired feed "
+            "(covered_by_feed) or SFTP source (covered_by_sftp), confirmed by a try of this "
+            "cursor that broke off (confirmed_before), or a row without an ID dead-lettered "
+            "before (dead_lettered_before).",
             ["feed", "source", "reason"],
             registry=registry,
         )
