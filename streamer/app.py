@@ -166,6 +166,7 @@ def _build_pipeline(
         exactly_once=exactly_once,
         ids_ascending=feed.ids_ascending,
         timestamp_limits=limits,
+        timezone=feed.timezone,
     )
 
 

@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from streamer.errors import ConfigError
 
@@ -85,6 +86,8 @@ class FeedSettings:
     backoff_max_s: float = 300.0
     cursor_file: str = ""
     initial_cursor: int = 0
+    # The provider's local time zone: what its `date` and `hour` parameters mean.
+    timezone: str = "Pacific/Auckland"
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,6 +533,11 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
         )
     if int(args.get("max_attempts", 5)) < 1:
         problems.add(f"{where}.max_attempts", "must be at least 1")
+    zone = str(args.get("timezone", "Pacific/Auckland"))
+    try:
+        ZoneInfo(zone)
+    except (ValueError, ZoneInfoNotFoundError):
+        problems.add(f"{where}.timezone", f"{zone!r} is not a time zone name (Pacific/Auckland)")
 
 
 def load_settings(

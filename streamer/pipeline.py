@@ -30,9 +30,11 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
 from functools import partial
 from typing import Protocol, cast
+from zoneinfo import ZoneInfo
 
 from streamer.cursor import (
     CursorStore,
@@ -134,6 +136,10 @@ class Drive:
         self.progress = progress
         self.batch = Batch()
         self.tally = Tally()
+        # The earliest local date of the rows handled, when asked (`track_days`): where a
+        # catch-up by date windows starts (FeedPipeline).
+        self.track_days = False
+        self.first_day: date | None = None
 
     def run(self, rows: Iterable[Row | Rejection]) -> None:
         """Handle every row; may raise from the rows' iterator (the batch stays open)."""
@@ -145,6 +151,12 @@ class Drive:
             # Step 3: type the row; a row that cannot be typed becomes a rejection.
             item = row if isinstance(row, Rejection) else to_record(row)
             cdr_id = item.id if isinstance(item, CallRecord) else item.cdr_id
+            if (
+                self.track_days
+                and isinstance(item, CallRecord)
+                and (self.first_day is None or item.date < self.first_day)
+            ):
+                self.first_day = item.date
             skip = position.admit(cdr_id, row.raw)
             if skip is not None:
                 tally.skipped[skip] += 1
@@ -333,6 +345,23 @@ class FeedPosition:
 
 
 @dataclass
+class CatchUp:
+    """A feed asking for one date (or hour) window at a time, oldest first, up to today.
+
+    For a provider whose answer from the cursor breaks at the same place on every try:
+    smaller answers get through. `high` is the highest ID handled in the windows so far.
+    """
+
+    windows: list[tuple[date, int | None]]
+    high: int = 0
+
+    @classmethod
+    def from_day(cls, first: date, today: date) -> CatchUp:
+        days = max(0, (today - first).days)
+        return cls([(first + timedelta(days=n), None) for n in range(days + 1)])
+
+
+@dataclass
 class PollResult:
     """What one poll did."""
 
@@ -346,6 +375,7 @@ class PollResult:
     covered: int = 0  # rows the paired SFTP source had already published
     confirmed_before: int = 0  # confirmed by an earlier try of this cursor that broke off
     dead_lettered_before: int = 0  # rows without an ID, dead-lettered before
+    more: bool = False  # a catch-up by date windows goes on: poll again at once
     seconds: float = 0.0
 
 
@@ -381,6 +411,7 @@ class FeedPipeline:
         ids_ascending: bool = False,
         covered_by: Callable[[], Container[int]] | None = None,
         timestamp_limits: TimestampLimits | None = None,
+        timezone: str = "Pacific/Auckland",
     ) -> None:
         if exactly_once and not is_transactional_store(cursor_store):
             raise TypeError("exactly-once needs a cursor store that can join a transaction")
@@ -403,6 +434,9 @@ class FeedPipeline:
         self.ids_ascending = ids_ascending
         self.covered_by = covered_by
         self.last_cursor: int | None = None  # the last committed; for log lines only
+        self.timezone = ZoneInfo(timezone)
+        self._first_day: date | None = None  # of the rows seen before the last break
+        self._catch_up: CatchUp | None = None
         self._last_failure: tuple[int, str, str] | None = None
         self._same_failures = 0
         self.sink = EventSink(
@@ -469,6 +503,23 @@ class FeedPipeline:
         self._same_failures = self._same_failures + 1 if failure == self._last_failure else 1
         self._last_failure = failure
         self.metrics.repeated_failures.set(self._same_failures)
+        broke_off = isinstance(exc, BadResponseError | FeedUnavailableError)
+        if (
+            self._same_failures >= REPEATED_FAILURES_WARN
+            and broke_off
+            and self._catch_up is None
+            and self._first_day is not None
+        ):
+            # The same answer breaks at the same place every time: ask for less at a time.
+            self._catch_up = CatchUp.from_day(
+                self._first_day - timedelta(days=1), datetime.now(self.timezone).date()
+            )
+            log.warning(
+                "feed %s: catching up by date windows from %s (%d requests at least), since "
+                "the answer from cursor %d breaks at the same place every time",
+                self.name, self._catch_up.windows[0][0], len(self._catch_up.windows), fromid,
+            )  # fmt: skip
+            return
         if self._same_failures == REPEATED_FAILURES_WARN:
             log.error(
                 "feed %s: %d polls in a row from cursor %d failed the same way (%s); the rows "
@@ -486,6 +537,9 @@ class FeedPipeline:
         result: PollResult,
         started: float,
     ) -> None:
+        if self._catch_up is not None:
+            self._poll_window(publisher, start, covered, result, started, self._catch_up)
+            return
         fromid = start.cursor
         position = FeedPosition(
             self.name, start, self.cursor_store, exactly_once=self.exactly_once,
@@ -503,6 +557,7 @@ class FeedPipeline:
             fromid=fromid, on_checkpoint=checkpointed,
             progress=partial(self._log_progress, position, started),
         )  # fmt: skip
+        drive.track_days = self._same_failures > 0  # a break may recur: note where it starts
         try:
             # Step 2: fetch; the rows arrive parsed as the body streams in.
             try:
@@ -511,6 +566,8 @@ class FeedPipeline:
             except (BadResponseError, FeedUnavailableError) as exc:
                 if drive.tally.rows:
                     self._keep_before_break(drive, position, exc)
+                if drive.first_day is not None:
+                    self._first_day = drive.first_day
                 raise
             # Step 5: every event and dead letter of the response confirmed -> commit.
             drive.checkpoint()
@@ -524,6 +581,58 @@ class FeedPipeline:
             result.covered = tally.skipped["covered_by_sftp"]
             result.confirmed_before = tally.skipped["confirmed_before"]
             result.dead_lettered_before = tally.skipped["dead_lettered_before"]
+
+    def _poll_window(
+        self,
+        publisher: Publisher,
+        start: FeedCursor,
+        covered: Container[int] | None,
+        result: PollResult,
+        started: float,
+        catch_up: CatchUp,
+    ) -> None:
+        """One date (or hour) window of a catch-up; the last one moves the cursor over all."""
+        day, hour = catch_up.windows[0]
+        position = FeedPosition(
+            self.name, start, self.cursor_store, exactly_once=self.exactly_once,
+            ascending=False, covered=covered,
+        )  # fmt: skip
+        drive = Drive(
+            self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
+            fromid=start.cursor,
+        )  # fmt: skip
+        window = replace(self.client.query, date=day, hour=hour)
+        try:
+            with self.client.fetch(start.cursor, window) as rows:
+                drive.run(rows)
+        except (BadResponseError, FeedUnavailableError) as exc:
+            if drive.tally.rows:
+                self._keep_before_break(drive, position, exc)
+            if hour is None:  # a day too large: its hours, one at a time
+                catch_up.windows[:1] = [(day, h) for h in range(24)]
+                log.info("feed %s: %s breaks off too; trying it hour by hour", self.name, day)
+                result.more = True
+                return
+            raise
+        finally:
+            result.rows += drive.tally.rows
+            result.published += drive.tally.published
+            result.dead_lettered += drive.tally.dead_lettered
+        catch_up.high = max(catch_up.high, position.high)
+        catch_up.windows.pop(0)
+        if catch_up.windows:
+            drive.checkpoint(broken=True)  # a window is not the whole feed: keep, don't skip
+            result.more = True
+        else:
+            # Every window up to today is in: every ID above the cursor up to the highest
+            # one handled has been seen, so the cursor moves over them all.
+            position.high = max(position.high, catch_up.high)
+            drive.checkpoint()
+            self._catch_up, self._first_day = None, None
+            log.info("feed %s: caught up by date windows; cursor %d", self.name, position.high)
+        result.cursor_after = max(result.cursor_after, position.committed)
+        self.last_cursor = result.cursor_after
+        self.metrics.cursor.set(result.cursor_after)
 
     def _keep_before_break(self, drive: Drive, position: FeedPosition, exc: Exception) -> None:
         """The body broke off: commit the rows before the break, so no retry repeats them."""

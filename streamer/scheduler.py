@@ -146,6 +146,8 @@ class FeedRunner(Runner):
             result.cursor_before,
             result.cursor_after,
         )
+        if result.more:  # a catch-up by date windows: the next window now
+            return 0.0
         # A full page that moved the cursor: the provider has more, fetch it now. (One
         # that did not move it would be fetched again as it is: wait the interval.)
         if (

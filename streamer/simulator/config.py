@@ -107,6 +107,10 @@ class SimulatorConfig:
     retry_after_s: int = 1
     truncate_rate: float = 0.0  # Content-Length short body and chunked without end, alternately
     html_error_rate: float = 0.0  # an HTML error page, status 200 and 500 alternately
+    # A PHP time limit: every answer of more than this many rows is cut short inside the
+    # batch that passes it, the same way every time (0: never). Smaller answers (a date
+    # or hour window, a later cursor) get through.
+    cut_after_rows: int = 0
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -127,6 +131,7 @@ class SimulatorConfig:
         check(self.status_fault_from_id >= 0, "status_fault_from_id must be >= 0")
         check(self.max_rows is None or self.max_rows >= 1, "max_rows must be None or >= 1")
         check(self.batch_rows >= 1, "batch_rows must be >= 1")
+        check(self.cut_after_rows >= 0, "cut_after_rows must be >= 0")
         check(self.line_ending in ("\n", "\r\n"), "line_ending must be '\\n' or '\\r\\n'")
         for name, allowed in (
             ("date_style", DateStyle),

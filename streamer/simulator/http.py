@@ -333,6 +333,26 @@ class _Handler(BaseHTTPRequestHandler):
                 self._write_chunk(sent)
             return
 
+        if cfg.cut_after_rows:
+            # Sent as rendered, up to the row that passes the limit, which is cut in half.
+            pieces: list[bytes] = []
+            total = 0
+            for part in parts:
+                rows = part.pieces[len(part.pieces) - part.rows :]  # after any preamble
+                head = part.pieces[: len(part.pieces) - part.rows]
+                if total + part.rows > cfg.cut_after_rows:
+                    keep = cfg.cut_after_rows - total
+                    pieces += [*head, *rows[:keep], rows[keep][: len(rows[keep]) // 2]]
+                    self._record(200, cfg.cut_after_rows + 1, fault)
+                    self.close_connection = True
+                    body = b"".join(pieces)
+                    self._start(200, content_type, {"Content-Length": str(len(body) + 1024)})
+                    self.wfile.write(body)
+                    return
+                pieces.append(part.data())
+                total += part.rows
+            parts = iter([Part(pieces, b"", True, total)])
+
         cut = body_fault == "cut_last_line"
         chunks = (part.cut(le) if cut and part.last else part.data() for part in parts)
         first = next(chunks)

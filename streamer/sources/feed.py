@@ -157,16 +157,20 @@ class FeedClient:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, fromid: int) -> httpx.Request:
+    def _request(self, fromid: int, query: FeedQuery | None = None) -> httpx.Request:
         params = {"login": self.login, "password": self._password.reveal(), "fromid": str(fromid)}
-        params.update(self.query.params())
+        params.update((query or self.query).params())
         if self.method == "POST":
             return self._http.build_request("POST", self.url, data=params)
         return self._http.build_request("GET", self.url, params=params)
 
     @contextmanager
-    def fetch(self, fromid: int) -> Iterator[Iterator[Row | Rejection]]:
+    def fetch(
+        self, fromid: int, window: FeedQuery | None = None
+    ) -> Iterator[Iterator[Row | Rejection]]:
         """Open one page from `fromid` (exclusive), retrying what can be retried; yields its rows.
+
+        `window`: this request's query instead of the feed's own (a date or hour window).
 
         Rows are parsed as the body arrives. An error mid-body raises from the row
         iterator, after the rows before it: the caller decides what they mean.
@@ -177,7 +181,7 @@ class FeedClient:
             attempt += 1
             started = time.monotonic()
             try:
-                response = self._open(fromid)
+                response = self._open(fromid, window)
             except FeedUnavailableError as exc:
                 self._on_request(_outcome_of(exc), time.monotonic() - started, 0)
                 if attempt >= self.max_attempts or self._stop.is_set():
@@ -209,8 +213,8 @@ class FeedClient:
             response.close()
             self._on_request(outcome, time.monotonic() - started, counter.n)
 
-    def _open(self, fromid: int) -> httpx.Response:
-        request = self._request(fromid)
+    def _open(self, fromid: int, window: FeedQuery | None = None) -> httpx.Response:
+        request = self._request(fromid, window)
         try:
             response = self._http.send(request, stream=True)
         except httpx.TimeoutException as exc:

@@ -169,3 +169,35 @@ def test_a_row_without_an_id_at_the_end_is_dead_lettered_once(
     assert read_cursor(tmp_path / "cursor.json") == 99
     ids = {e.value["ID"] for e in read_events(kafka_bootstrap, topic_name)}
     assert ids == set(range(1, 100))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_answer_cut_at_the_same_place_every_time_is_caught_up_by_date_windows(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    topic_name: str,
+    streamer_config: Callable[..., Path],
+    mode: dict[str, str],
+) -> None:
+    # A PHP time limit: any answer of more than 150 rows is cut after row 150, and the
+    # rows come unsorted, so the ID right after the cursor can be cut off every time.
+    sim = BillingFeedSimulator(
+        SimulatorConfig(
+            password=FEED_PASSWORD, backlog=BACKLOG, batch_rows=BACKLOG, unsorted=True,
+            cut_after_rows=150, seed=3,
+        )
+    )  # fmt: skip
+    with sim:
+        config = streamer_config(
+            [_feed(sim, tmp_path)], cursor_topic=f"{topic_name}-cursors", **mode
+        )
+        done = run_streamer("run", "--config", str(config), "--once", timeout_s=180)
+        windows = [r for r in sim.requests if "date" in r.params]
+    assert done.returncode == 0, done.stderr
+    assert "catching up by date windows" in done.stderr
+    assert "caught up by date windows" in done.stderr
+    assert windows, "the catch-up asked for date windows"
+    ids = Counter(e.value["ID"] for e in read_events(kafka_bootstrap, topic_name))
+    assert set(ids) == set(range(1, BACKLOG + 1))
+    assert max(ids.values()) == 1
+    assert _cursor(kafka_bootstrap, topic_name, mode, tmp_path) == BACKLOG
