@@ -143,9 +143,18 @@ class Drive:
 
     def run(self, rows: Iterable[Row | Rejection]) -> None:
         """Handle every row; may raise from the rows' iterator (the batch stays open)."""
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
+        try:
+            self._run(rows, next_progress)
+        except MessagesRejectedError as exc:
+            # Exactly-once: a refusal aborted the transaction mid-batch. Find the culprits
+            # and replay (raises EventsRejectedError).
+            self._dead_letter_refused(exc)
+            raise
+
+    def _run(self, rows: Iterable[Row | Rejection], next_progress: float) -> None:
         sink, publisher, position, tally = self.sink, self.publisher, self.position, self.tally
         refused = sink.refused
-        next_progress = time.monotonic() + PROGRESS_EVERY_S
         for row in rows:
             tally.rows += 1
             # Step 3: type the row; a row that cannot be typed becomes a rejection.

@@ -195,6 +195,22 @@ class Publisher:
         self._rejected, self._other_failures = [], 0
         return rejected if rejected and not other else None
 
+    def _refused_in_transaction(self) -> list[RejectedMessage] | None:
+        """A transaction that failed mid-batch because Kafka refused messages: which ones.
+
+        produce() then fails with librdkafka's "erroneous state" before any flush; the
+        refused messages' reports are served here, and the transaction is aborted.
+        """
+        if not self.in_transaction:
+            return None
+        deadline = time.monotonic() + 1.0
+        while not self._rejected and time.monotonic() < deadline:
+            self.poll(0.05)  # serves the delivery reports of the failed request
+        rejected = self._take_rejected()
+        if rejected is not None:
+            self.abort()
+        return rejected
+
     def _rejected_error(self, action: str, rejected: list[RejectedMessage]) -> Exception:
         reasons = sorted({r.reason for r in rejected})
         return MessagesRejectedError(
@@ -271,6 +287,9 @@ class Publisher:
                 self._serve(0.1)
                 self._check_fatal()
             except KafkaException as exc:
+                refused = self._refused_in_transaction()
+                if refused is not None:
+                    raise self._rejected_error(f"produce to {topic}", refused) from exc
                 raise self._error(f"produce to {topic}", exc.args[0]) from exc
         self._serve(0)
 

@@ -149,26 +149,31 @@ def test_a_body_cut_short_every_time_publishes_each_row_once(
     assert _cursor(kafka_bootstrap, topic_name, mode, tmp_path) == BACKLOG
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_a_row_without_an_id_at_the_end_is_dead_lettered_once(
     tmp_path: Path,
     kafka_bootstrap: str,
     topic_name: str,
     streamer_config: Callable[..., Path],
+    mode: dict[str, str],
 ) -> None:
     sim = BillingFeedSimulator(
         SimulatorConfig(password=FEED_PASSWORD, backlog=100, odd_rows="100:no_id")
     )
     with sim:
-        config = streamer_config([_feed(sim, tmp_path)])
+        config = streamer_config(
+            [_feed(sim, tmp_path)], cursor_topic=f"{topic_name}-cursors", **mode
+        )
         for _ in range(3):  # three polls, each ending in the same row without an ID
             done = run_streamer("run", "--config", str(config), "--once", timeout_s=120)
             assert done.returncode == 0, done.stderr
     dead = read_dead_letters(kafka_bootstrap, topic_name)
     assert len(dead) == 1
     assert dead[0]["id"] is None
-    assert read_cursor(tmp_path / "cursor.json") == 99
-    ids = {e.value["ID"] for e in read_events(kafka_bootstrap, topic_name)}
-    assert ids == set(range(1, 100))
+    assert _cursor(kafka_bootstrap, topic_name, mode, tmp_path) == 99
+    ids = Counter(e.value["ID"] for e in read_events(kafka_bootstrap, topic_name))
+    assert set(ids) == set(range(1, 100))
+    assert max(ids.values()) == 1
 
 
 @pytest.mark.parametrize("mode", MODES)
