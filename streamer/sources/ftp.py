@@ -28,9 +28,10 @@ for SFTP. ftplib's errors become ours here (see `FtpServer._error`).
   must not stop a source.
 
 Why the standard library's `ftplib`: it speaks all of the above, is maintained with
-Python, and needs only the small subclass below (implicit TLS, TLS session reuse on
-data connections, lenient replies). The other clients on PyPI are either asyncio
-(aioftp, which lacks session reuse too) or thin layers over ftplib.
+Python, and needs only the small subclass below: implicit TLS, lenient replies, and TLS
+session reuse on data connections (ftplib lacks it, CPython issue 63699; so does aioftp,
+its issue 186, the asyncio client that would be the alternative; the other clients on
+PyPI are layers over ftplib).
 The password is sent once, in `PASS`, and never logged: ftplib's debug output stays
 off (debugging = 0), and our messages name the user only.
 """
