@@ -463,10 +463,12 @@ class FtpSession:
         try:
             names = [posixpath.basename(n.rstrip("/")) for n in self._lines(f"NLST {directory}")]
         except ftplib.error_temp as exc:
-            if _code(exc) == "450":  # "No files found" (ProFTPD's answer for an empty one)
-                self._check_directory(directory)
-                return []
-            raise
+            if _code(exc) != "450":  # "No files found": ProFTPD's answer for an empty one
+                raise
+            names = []
+        if not names:
+            # vsftpd lists a directory that is not there as empty: say so instead.
+            self._check_directory(directory)
         files = []
         for name in sorted(set(names)):
             if not fnmatch.fnmatchcase(name, pattern):

@@ -152,9 +152,13 @@ def test_implicit_ftps_reads_a_file(implicit_ftps: ftpd.Ftpd) -> None:
         assert read_all(session, directory / first.name) == files[first.name]
 
 
-def test_missing_directory_is_a_config_error(ftps: ftpd.Ftpd) -> None:
+@pytest.mark.parametrize("listing", ["MLSD", "NLST"])
+def test_missing_directory_is_a_config_error(
+    listing: str, ftps: ftpd.Ftpd, old_ftp: ftpd.Ftpd
+) -> None:
+    server = ftps if listing == "MLSD" else old_ftp
     with (
-        server_for(ftps).connect() as session,
+        server_for(server).connect() as session,
         pytest.raises(ConfigError, match="cannot list directory '/no/such/dir'"),
     ):
         session.list("/no/such/dir", "*")
