@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry
 
 from streamer.avro import make_encoder
-from streamer.config import FeedSettings, Settings, SftpSettings, is_loopback_url
+from streamer.config import FeedSettings, Secret, Settings, SftpSettings, is_loopback_url
 from streamer.cursor import (
     CursorStore,
     FileCursorStore,
@@ -42,8 +42,10 @@ from streamer.publisher import (
 from streamer.retry import Backoff
 from streamer.scheduler import FeedRunner, Runner, SftpRunner, run_together
 from streamer.sink import Encoder, EventSink, PublisherSlot
+from streamer.sources.base import FileServer
 from streamer.sources.feed import FeedClient, FeedQuery, FeedTimeouts
 from streamer.sources.files import FileCollector
+from streamer.sources.ftp import FtpServer
 from streamer.sources.sftp import SftpServer
 
 log = logging.getLogger("streamer")
@@ -279,29 +281,20 @@ def _build_sftp(
     """One SFTP source; paired, it shares its feed's producer (`slot`) and reads its cursor."""
     k = settings.kafka
     exactly_once = k.delivery == "exactly_once"
-    source_metrics = metrics.for_feed(source.name, "sftp", poll_interval_s=source.poll_interval_s)
+    source_metrics = metrics.for_feed(
+        source.name, source.protocol, poll_interval_s=source.poll_interval_s
+    )
     if slot is None:
         transactional_id = (
             f"{k.transactional_id_prefix}-sftp-{source.name}" if exactly_once else None
         )
         slot = _publisher_slot(settings, source_metrics, transactional_id)
-    server = SftpServer(
-        source.host,
-        source.port,
-        source.user,
-        known_hosts=Path(source.known_hosts),
-        password=source.password,
-        key_file=Path(source.key_file).expanduser() if source.key_file else None,
-        key_passphrase=source.key_passphrase,
-        trust_unknown_host_key=source.trust_unknown_host_key,
-        connect_timeout_s=source.connect_timeout_s,
-        read_timeout_s=source.read_timeout_s,
-    )
+    server = _file_server(source)
     store = _sftp_cursor_store(settings, source)
     log.info(
-        "sftp %s: listing %s:%s on %s:%d as %s every %g s, %s%s, cursor in %r",
-        source.name, source.directory, source.pattern, source.host, source.port, source.user,
-        source.poll_interval_s, k.delivery.replace("_", "-"),
+        "%s %s: listing %s:%s on %s:%d as %s every %g s, %s%s, cursor in %r",
+        source.protocol, source.name, source.directory, source.pattern, source.host,
+        source.port, source.user, source.poll_interval_s, k.delivery.replace("_", "-"),
         f", paired with feed {source.pairs_with_feed}" if source.pairs_with_feed else "", store,
     )  # fmt: skip
     return FileCollector(
@@ -313,9 +306,10 @@ def _build_sftp(
         settle_s=source.settle_s,
         after=source.after,
         quarantine_dir=source.quarantine_dir,
+        max_decompressed_bytes=source.max_decompressed_bytes,
         sink=EventSink(
             name=source.name,
-            source="sftp",
+            source=source.protocol,
             slot=slot,
             encoder=_encoder(settings),
             topic=k.topic,
@@ -330,6 +324,45 @@ def _build_sftp(
         exactly_once=exactly_once,
         feed_cursor=feed_cursor,
         stop=stop,
+    )
+
+
+def _file_server(source: SftpSettings) -> FileServer:
+    """The server of one file source, by its protocol: SFTP, FTP or FTPS."""
+    if source.protocol == "sftp":
+        return SftpServer(
+            source.host,
+            source.port,
+            source.user,
+            known_hosts=Path(source.known_hosts),
+            password=source.password,
+            key_file=Path(source.key_file).expanduser() if source.key_file else None,
+            key_passphrase=source.key_passphrase,
+            trust_unknown_host_key=source.trust_unknown_host_key,
+            connect_timeout_s=source.connect_timeout_s,
+            read_timeout_s=source.read_timeout_s,
+        )
+    if source.protocol == "ftp" and not is_loopback_url(f"ftp://{source.host}/"):
+        log.warning(
+            "ftp %s: plain FTP sends the password and the CDRs unencrypted; use protocol = "
+            '"ftps" if %s offers it', source.name, source.host,
+        )  # fmt: skip
+    if source.protocol == "ftps" and not source.tls_verify:
+        log.warning(
+            "ftps %s: tls_verify = false: the connection is encrypted, but to whoever answers "
+            "as %s; set ca_file to the provider's CA instead", source.name, source.host,
+        )  # fmt: skip
+    return FtpServer(
+        source.host,
+        source.port,
+        source.user,
+        source.password or Secret(""),  # config.py requires one for FTP
+        tls="none" if source.protocol == "ftp" else source.ftps_mode,
+        ca_file=Path(source.ca_file) if source.ca_file else None,
+        verify=source.tls_verify,
+        passive=source.passive,
+        connect_timeout_s=source.connect_timeout_s,
+        read_timeout_s=source.read_timeout_s,
     )
 
 

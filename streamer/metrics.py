@@ -576,16 +576,18 @@ class _KafkaStatsCollector(Collector):
 
 
 class SftpMetrics:
-    """The SFTP collectors' own metric families, labelled by the source's configured name.
+    """The file collectors' own metric families (SFTP, FTP and FTPS alike: the names keep
+    "sftp" for the dashboards and alerts built on them), labelled by the source's name.
 
     Their events, dead letters and skipped rows count in the shared families through
-    a `FeedMetrics` with source="sftp".
+    a `FeedMetrics` with source = the protocol ("sftp", "ftp", "ftps").
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.files_seen = Counter(
             f"{PREFIX}_sftp_files_seen_total",
-            "Files matching the pattern seen on the SFTP server for the first time.",
+            "Files matching the pattern seen on the file server (SFTP, FTP, FTPS) for the "
+            "first time.",
             ["feed"],
             registry=registry,
         )
@@ -609,15 +611,15 @@ class SftpMetrics:
         )
         self.read_bytes = Counter(
             f"{PREFIX}_sftp_read_bytes_total",
-            "Bytes read from files on the SFTP server (a file read again after a restart "
-            "counts again).",
+            "Bytes read from files on the file server, as stored (compressed ones before "
+            "inflating; a file read again after a restart counts again).",
             ["feed"],
             registry=registry,
         )
         self.errors = Counter(
             f"{PREFIX}_sftp_errors_total",
-            "SFTP errors by kind: connection_error, timeout, auth_error, host_key, "
-            "unreadable_file, after_action.",
+            "File server errors by kind: connection_error, timeout, auth_error, host_key (an "
+            "SSH host key or TLS certificate), unreadable_file, after_action.",
             ["feed", "kind"],
             registry=registry,
         )

@@ -142,7 +142,7 @@ class FeedRunner(Runner):
             result.dead_lettered,
             result.skipped,
             result.duplicates,
-            f", {result.covered} published by SFTP" if result.covered else "",
+            f", {result.covered} published by its file source" if result.covered else "",
             result.cursor_before,
             result.cursor_after,
         )
@@ -167,7 +167,7 @@ class SftpRunner(Runner):
     With `once`, it polls until no file is left waiting to settle.
     """
 
-    kind = "sftp"
+    kind = "sftp"  # or the collector's protocol (ftp, ftps)
 
     def __init__(
         self,
@@ -182,6 +182,7 @@ class SftpRunner(Runner):
             backoff or Backoff(1.0, min(300.0, max(1.0, poll_interval_s))),
         )
         self.collector = collector
+        self.kind = collector.kind  # sftp, ftp or ftps
         self.poll_interval_s = poll_interval_s
 
     def close(self) -> None:
