@@ -159,6 +159,9 @@ def write_config(
         f'dead_letter_topic = "{topic}-dlq"',
         "partitions = 3",
     ]
+    # A transactional id of its own: tests sharing a broker (KAFKA_BOOTSTRAP_SERVERS) with
+    # other test runs never fence each other's feeds; two instances of one config still do.
+    kafka.setdefault("transactional_id_prefix", f"test-{uuid4().hex[:8]}")
     lines += [f"{k} = {json.dumps(v)}" for k, v in kafka.items()]
     lines += ["[metrics]", "port = 0"]
     for feed in feeds:
