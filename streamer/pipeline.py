@@ -42,7 +42,7 @@ from streamer.cursor import CursorStore
 from streamer.deadletter import encode_dead_letter
 from streamer.errors import DeliveryError, FatalError, RetriableError, StreamerError
 from streamer.feed import Backoff, FeedClient
-from streamer.metrics import FeedMetrics
+from streamer.metrics import FeedMetrics, UsageTally
 from streamer.publisher import Publisher
 from streamer.records import CallRecord, Rejection, to_record
 
@@ -163,6 +163,7 @@ class Batch:
 
     published: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
+    usage: UsageTally = field(default_factory=UsageTally)  # seconds and charges, for the KPIs
     newest_event_ms: int = 0
     size: int = 0
 
@@ -258,6 +259,7 @@ class EventSink:
             headers=[("cdr_id", str(record.id).encode()), *self._headers_base, *headers],
         )
         batch.published[(record.status, record.direction, record.call_type)] += 1
+        batch.usage.add(record)
         if ts > batch.newest_event_ms:
             batch.newest_event_ms = ts
         batch.size += 1
@@ -313,7 +315,9 @@ class EventSink:
         except DeliveryError:
             self.metrics.delivery_errors.inc(max(1, publisher.in_flight))
             raise
-        self.metrics.confirmed(batch.published, batch.rejected, batch.newest_event_ms / 1000)
+        self.metrics.confirmed(
+            batch.published, batch.rejected, batch.newest_event_ms / 1000, batch.usage
+        )
         self.metrics.in_flight.set(0)
 
     def recover(self, publisher: Publisher, exc: BaseException) -> None:
