@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
     add_simulate_files_parser(sub)
+    from streamer.tail import add_tail_parser
+
+    add_tail_parser(sub)
     return parser
 
 
@@ -169,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from streamer.simulator_cli import run_simulate_files
 
             return run_simulate_files(args)
+        if args.command == "tail":
+            from streamer.tail import run_tail
+
+            return run_tail(args)
         settings = load_settings(args.config, bootstrap_servers=args.bootstrap_servers)
         if args.command == "check-config":
             print(settings)

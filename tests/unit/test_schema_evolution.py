@@ -352,7 +352,7 @@ def event_for(writer: dict[str, Any]) -> dict[str, Any]:
     sample = to_avro_dict(sample_records()[0])
     event = {}
     for field in writer["fields"]:
-        name, kind = field["name"], field["type"]
+        name, kind = field["name"], _type_of(field["type"])
         if name in sample:
             event[name] = str(sample[name]) if kind == "string" else sample[name]
         else:
