@@ -19,6 +19,8 @@ from pathlib import Path
 
 from bench._services import REPO_ROOT, broker
 
+# The events carry their calls' times (2024): time retention would delete them at once.
+KEEP = {"retention.ms": "-1"}
 EVENTS = 1_000_000
 DISTINCT = 20_000  # distinct events (simulator rows), cycled to make up EVENTS
 PARTITIONS = 6
@@ -41,7 +43,7 @@ def fill_topic(bootstrap: str, topic: str) -> int:
     from streamer.simulator import BillingFeedSimulator, SimulatorConfig
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.create_topics([NewTopic(topic, PARTITIONS, 1)]).values():
+    for future in admin.create_topics([NewTopic(topic, PARTITIONS, 1, config=KEEP)]).values():
         future.result(60)
     config = SimulatorConfig(password="-", backlog=DISTINCT, seed=3)  # noqa: S106 - not served
     sim = BillingFeedSimulator(config)

@@ -41,6 +41,8 @@ from streamer.records import CallRecord, Row, to_record
 from streamer.simulator import BillingFeedSimulator, SimulatorConfig
 from streamer.tail import EventDecoder, Filters, SchemaSet, TailOptions, consumer_config, tail
 
+# The events carry their calls' times (2024): time retention would delete them at once.
+KEEP = {"retention.ms": "-1"}
 V2_PATH = REPO_ROOT / "tests" / "data" / "cdr-v2-test.avsc"
 BACKLOG = 300
 V2_EVENTS = 40  # IDs BACKLOG+1 .. BACKLOG+V2_EVENTS, written with v2
@@ -64,7 +66,7 @@ def record_of(row: dict[str, str]) -> CallRecord:
 
 def create_topic(bootstrap: str, topic: str, partitions: int = 3) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
+    for future in admin.create_topics([NewTopic(topic, partitions, 1, config=KEEP)]).values():
         future.result(30)
 
 
