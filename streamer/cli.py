@@ -2,7 +2,7 @@
 
 Exit codes: 0 stopped cleanly; 1 a fatal error (configuration, Kafka topics);
 2 bad command-line usage; 3 every feed (and SFTP source) stopped on a fatal error
-(e.g. bad credentials).
+(e.g. bad credentials); 4 (`tail`) some messages could not be decoded.
 """
 
 from __future__ import annotations
