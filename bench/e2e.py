@@ -267,10 +267,10 @@ def run_stages(url: str, bootstrap: str, backlog: int) -> list[tuple[str, int, f
     """(stage, CDRs, seconds) for each stage over the last STAGE_ROWS CDRs of the backlog."""
     from streamer.avro import SingleObjectEncoder, encode_reference, timestamp_ms
     from streamer.config import Secret
-    from streamer.feed import FeedClient, FeedQuery, FeedTimeouts
     from streamer.formats import parse_rows
     from streamer.publisher import Publisher, producer_config
     from streamer.records import CallRecord, Row, to_record, to_record_reference
+    from streamer.sources.feed import FeedClient, FeedQuery, FeedTimeouts
 
     n = STAGE_ROWS
     client = FeedClient(

@@ -117,8 +117,8 @@ def run() -> str:
 def _fetch_and_parse(url: str, fromid: int, fmt: str) -> Measurement:
     # Imported here, in the measuring process only.
     from streamer.config import FeedFormat, Secret
-    from streamer.feed import FeedClient, FeedQuery, FeedTimeouts
     from streamer.records import Rejection, to_record
+    from streamer.sources.feed import FeedClient, FeedQuery, FeedTimeouts
 
     client = FeedClient(
         url,

@@ -19,8 +19,10 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from streamer.errors import ConfigError
+from streamer.sources.compression import MAX_DECOMPRESSED_BYTES
 
 PROVIDER_MIN_POLL_INTERVAL_S = (
     600.0  # "A reasonable polling frequency would be 10 minutes or greater."
@@ -30,6 +32,8 @@ SCHEMA_REGISTRY_PASSWORD_ENV = "CDR_SCHEMA_REGISTRY_PASSWORD"  # noqa: S105 - li
 
 FeedFormat = Literal["csv", "txt", "pipe", "json"]
 SftpFormat = Literal["auto", "csv", "txt", "pipe", "json"]
+FileProtocol = Literal["sftp", "ftp", "ftps"]
+FILE_PROTOCOL_PORTS: Mapping[str, int] = {"sftp": 22, "ftp": 21, "ftps": 21, "ftps-implicit": 990}
 AfterAction = Literal["keep", "delete", "move"]
 Delivery = Literal["at_least_once", "exactly_once"]
 
@@ -85,6 +89,8 @@ class FeedSettings:
     backoff_max_s: float = 300.0
     cursor_file: str = ""
     initial_cursor: int = 0
+    # The provider's local time zone: what its `date` and `hour` parameters mean.
+    timezone: str = "Pacific/Auckland"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,12 +137,13 @@ class MetricsSettings:
 
 @dataclass(frozen=True, slots=True)
 class SftpSettings:
-    """One SFTP source of CDR files: the server, the login, the directory, what to do after."""
+    """One source of CDR files over SFTP, FTP or FTPS: the server, the login, the directory."""
 
     name: str
     host: str
     user: str
-    port: int = 22
+    protocol: FileProtocol = "sftp"
+    port: int = 0  # 0: the protocol's (22 SFTP, 21 FTP and explicit FTPS, 990 implicit FTPS)
     password: Secret | None = None  # password_env, password_file or password
     key_file: str = ""  # a private key (OpenSSH or PEM); with or without a passphrase
     key_passphrase: Secret | None = None  # key_passphrase_env or key_passphrase_file
@@ -144,6 +151,11 @@ class SftpSettings:
     # Accept an unknown host key on first contact (logged with its fingerprint) and
     # record it in known_hosts. Never a changed key.
     trust_unknown_host_key: bool = False
+    # FTPS: AUTH TLS on the FTP port ("explicit"), or TLS from the first byte ("implicit").
+    ftps_mode: Literal["explicit", "implicit"] = "explicit"
+    ca_file: str = ""  # FTPS: PEM CA certificates to verify the server with ("": the system's)
+    tls_verify: bool = True  # FTPS: false encrypts but trusts any certificate (logged)
+    passive: bool = True  # FTP, FTPS: passive data connections; false: active (PORT)
     directory: str = "."
     pattern: str = "cdr_*"  # a glob on file names
     format: SftpFormat = "auto"  # auto: from the extension (.csv, .txt/.tsv, .pipe/.psv, .json)
@@ -157,6 +169,9 @@ class SftpSettings:
     read_timeout_s: float = 60.0
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
+    # A compressed file (.gz, .zip) inflating past this is quarantined: a bound on
+    # what a corrupt or hostile archive can cost.
+    max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,6 +465,37 @@ def _check_sftp(
     paired: dict[str, str],
     problems: _Problems,
 ) -> None:
+    protocol = args.get("protocol", "sftp")
+    if protocol not in ("sftp", "ftp", "ftps"):
+        problems.add(f"{where}.protocol", f"must be sftp, ftp or ftps, not {protocol!r}")
+    elif protocol == "sftp":
+        _check_sftp_login(args, where, problems)
+    else:
+        _check_ftp_login(args, where, protocol, problems)
+    port = args.get("port", 0)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        problems.add(f"{where}.port", f"must be 1..65535, not {port}")
+    elif not port:
+        implicit = protocol == "ftps" and args.get("ftps_mode") == "implicit"
+        args["port"] = FILE_PROTOCOL_PORTS.get("ftps-implicit" if implicit else protocol, 22)
+    if args.get("format", "auto") not in ("auto", "csv", "txt", "pipe", "json"):
+        problems.add(f"{where}.format", "must be one of auto, csv, txt (tab), pipe, json")
+    try:
+        parse_after(str(args.get("after", "keep")))
+    except ValueError as exc:
+        problems.add(f"{where}.after", str(exc))
+    if not float(args.get("poll_interval_s", 60.0)) > 0:
+        problems.add(f"{where}.poll_interval_s", "must be more than 0")
+    if not int(args.get("max_decompressed_bytes", MAX_DECOMPRESSED_BYTES)) > 0:
+        problems.add(f"{where}.max_decompressed_bytes", "must be more than 0")
+    _check_pairing(args, where, feeds, paired, problems)
+
+
+def _check_sftp_login(args: dict[str, Any], where: str, problems: _Problems) -> None:
+    """SFTP: a password or a key, and the host key to check the server by."""
+    for key in ("ftps_mode", "ca_file", "tls_verify", "passive"):
+        if key in args:
+            problems.add(f"{where}.{key}", 'only for protocol = "ftp" or "ftps"')
     key_file = str(args.get("key_file", ""))
     if args.get("password") is None and not key_file:
         problems.add(
@@ -469,17 +515,42 @@ def _check_sftp(
             f"{known_hosts} does not exist: put the server's host key there (checked with "
             "the provider), or set trust_unknown_host_key = true to record it on first contact",
         )
-    port = args.get("port", 22)
-    if isinstance(port, int) and not 1 <= port <= 65535:
-        problems.add(f"{where}.port", f"must be 1..65535, not {port}")
-    if args.get("format", "auto") not in ("auto", "csv", "txt", "pipe", "json"):
-        problems.add(f"{where}.format", "must be one of auto, csv, txt (tab), pipe, json")
-    try:
-        parse_after(str(args.get("after", "keep")))
-    except ValueError as exc:
-        problems.add(f"{where}.after", str(exc))
-    if not float(args.get("poll_interval_s", 60.0)) > 0:
-        problems.add(f"{where}.poll_interval_s", "must be more than 0")
+
+
+def _check_ftp_login(
+    args: dict[str, Any], where: str, protocol: str, problems: _Problems
+) -> None:
+    """FTP and FTPS: a password, and (FTPS) how to speak TLS and whom to trust."""
+    for key in ("key_file", "key_passphrase", "known_hosts", "trust_unknown_host_key"):
+        if args.get(key) not in (None, "", False):
+            problems.add(f"{where}.{key}", 'only for protocol = "sftp" (FTP logs in by password)')
+    if args.get("password") is None:
+        problems.add(
+            where,
+            "no password: set password_env (an environment variable's name) or password_file",
+        )
+    if protocol == "ftp":
+        for key in ("ftps_mode", "ca_file", "tls_verify"):
+            if key in args:
+                problems.add(f"{where}.{key}", 'only for protocol = "ftps"')
+        return
+    if args.get("ftps_mode", "explicit") not in ("explicit", "implicit"):
+        problems.add(f"{where}.ftps_mode", "must be 'explicit' (AUTH TLS) or 'implicit'")
+    ca_file = str(args.get("ca_file", ""))
+    if ca_file:
+        path = Path(ca_file).expanduser()
+        args["ca_file"] = str(path)
+        if not path.is_file():
+            problems.add(f"{where}.ca_file", f"{ca_file} is not a readable file")
+
+
+def _check_pairing(
+    args: dict[str, Any],
+    where: str,
+    feeds: Mapping[str, Mapping[str, Any]],
+    paired: dict[str, str],
+    problems: _Problems,
+) -> None:
     feed = str(args.get("pairs_with_feed", ""))
     if feed:
         if feed not in feeds:
@@ -553,6 +624,11 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
         )
     if int(args.get("max_attempts", 5)) < 1:
         problems.add(f"{where}.max_attempts", "must be at least 1")
+    zone = str(args.get("timezone", "Pacific/Auckland"))
+    try:
+        ZoneInfo(zone)
+    except (ValueError, ZoneInfoNotFoundError):
+        problems.add(f"{where}.timezone", f"{zone!r} is not a time zone name (Pacific/Auckland)")
 
 
 def load_settings(

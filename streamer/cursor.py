@@ -7,12 +7,14 @@ letter of every lower ID fetched with it, is confirmed by Kafka. It is the
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,16 +32,72 @@ from confluent_kafka import (
 from streamer.errors import ConfigError, DeliveryError, TopicError
 
 
+@dataclass(frozen=True, slots=True)
+class FeedCursor:
+    """A feed's committed position: the cursor, and what is confirmed above it.
+
+    `cursor` is the `fromid` of the next request. `confirmed` holds ranges of IDs above
+    it whose events are confirmed in Kafka although a lower ID may still be missing (a
+    response that broke off, or came unsorted): a retry skips them, so it publishes
+    nothing twice. `without_id` holds digests of rows without a readable ID that were
+    dead-lettered at this position, so that they are dead-lettered once, not per poll.
+    """
+
+    cursor: int
+    confirmed: tuple[tuple[int, int], ...] = ()
+    without_id: tuple[str, ...] = ()
+
+    def to_json(self, feed: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"feed": feed, "cursor": self.cursor}
+        if self.confirmed:
+            out["confirmed_above"] = [list(pair) for pair in self.confirmed]
+        if self.without_id:
+            out["dead_lettered_without_id"] = list(self.without_id)
+        out["committed_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> FeedCursor:
+        """ValueError, KeyError or TypeError if `data` is not a feed cursor."""
+        cursor = data["cursor"]
+        if not isinstance(cursor, int) or isinstance(cursor, bool) or cursor < 0:
+            raise ValueError(cursor)
+        confirmed = tuple((a, b) for a, b in IdRanges.of(data.get("confirmed_above", [])))
+        without_id = data.get("dead_lettered_without_id", [])
+        if not isinstance(without_id, list) or not all(isinstance(d, str) for d in without_id):
+            raise ValueError("dead_lettered_without_id must be a list of strings")
+        return cls(cursor, confirmed, tuple(without_id))
+
+
 class CursorStore(Protocol):
     """Where a feed's committed cursor lives."""
 
-    def load(self) -> int:
-        """The committed cursor, or the initial one when nothing was committed yet."""
+    def load_state(self) -> FeedCursor:
+        """The committed position, or the initial cursor when nothing was committed yet."""
         ...
 
-    def commit(self, cursor: int) -> None:
-        """Make `cursor` durable; it must survive a crash right after this returns."""
+    def commit_state(self, state: FeedCursor) -> None:
+        """Make `state` durable; it must survive a crash right after this returns."""
         ...
+
+    def load(self) -> int:
+        """The committed cursor alone."""
+        ...
+
+
+class TransactionalCursorStore(CursorStore, Protocol):
+    """A cursor store whose record can ride in the events' own Kafka transaction."""
+
+    def message_state(self, state: FeedCursor) -> tuple[str, bytes, bytes]: ...
+
+    def committed_state(self, state: FeedCursor) -> None: ...
+
+
+def is_transactional_store(store: object) -> bool:
+    """Does `store` have what joining a Kafka transaction needs?"""
+    return callable(getattr(store, "message_state", None)) and callable(
+        getattr(store, "committed_state", None)
+    )
 
 
 class FileCursorStore:
@@ -54,17 +112,18 @@ class FileCursorStore:
         return f"FileCursorStore({str(self.path)!r})"
 
     def load(self) -> int:
+        return self.load_state().cursor
+
+    def load_state(self) -> FeedCursor:
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return self.initial
+            return FeedCursor(self.initial)
         except OSError as exc:
             raise ConfigError(f"cannot read cursor file {self.path}: {exc.strerror}") from None
         try:
             data = json.loads(text)
-            cursor = data["cursor"]
-            if not isinstance(cursor, int) or cursor < 0:
-                raise ValueError(cursor)
+            state = FeedCursor.from_json(data)
         except (ValueError, KeyError, TypeError) as exc:
             # Guessing a cursor could skip or replay millions of CDRs: stop and ask.
             raise ConfigError(
@@ -75,26 +134,19 @@ class FileCursorStore:
             raise ConfigError(
                 f"cursor file {self.path} belongs to feed {data['feed']!r}, not {self.feed!r}"
             )
-        return cursor
+        return state
 
     def commit(self, cursor: int) -> None:
+        self.commit_state(FeedCursor(cursor))
+
+    def commit_state(self, state: FeedCursor) -> None:
         try:
-            self._write(cursor)
+            write_atomically(self.path, json.dumps(state.to_json(self.feed)) + "\n")
         except OSError as exc:
             raise ConfigError(
                 f"cannot write cursor file {self.path}: {exc.strerror}; "
                 "check cursor_file and the directory's permissions"
             ) from None
-
-    def _write(self, cursor: int) -> None:
-        payload = json.dumps(
-            {
-                "feed": self.feed,
-                "cursor": cursor,
-                "committed_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-        )
-        write_atomically(self.path, payload + "\n")
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -123,13 +175,19 @@ class MemoryCursorStore:
     """A cursor held in memory: for backfills, which must not move the live cursor, and tests."""
 
     def __init__(self, initial: int = 0) -> None:
-        self.cursor = initial
+        self.state = FeedCursor(initial)
 
     def load(self) -> int:
-        return self.cursor
+        return self.state.cursor
+
+    def load_state(self) -> FeedCursor:
+        return self.state
 
     def commit(self, cursor: int) -> None:
-        self.cursor = cursor
+        self.state = FeedCursor(cursor)
+
+    def commit_state(self, state: FeedCursor) -> None:
+        self.state = state
 
 
 class KafkaCursorStore:
@@ -137,8 +195,8 @@ class KafkaCursorStore:
 
     So a container can restart on any host. `load()` reads the topic to its end with
     `read_committed`, so a cursor written inside an aborted transaction is never seen.
-    In exactly-once mode the pipeline produces `message()` inside its transaction and
-    calls `committed()` after; otherwise `commit()` produces and waits on its own.
+    In exactly-once mode the pipeline produces `message_state()` inside its transaction
+    and calls `committed_state()` after; otherwise `commit_state()` produces and waits.
     """
 
     def __init__(
@@ -157,40 +215,52 @@ class KafkaCursorStore:
         self.initial = initial
         self._client_config = dict(client_config or {})
         self.timeout_s = timeout_s
-        self._cursor: int | None = None
+        self._state: FeedCursor | None = None
         self._producer: Producer | None = None
 
     def __repr__(self) -> str:
         return f"KafkaCursorStore(topic={self.topic!r}, feed={self.feed!r})"
 
-    def message(self, cursor: int) -> tuple[str, bytes, bytes]:
-        """(topic, key, value) of the record that commits `cursor`."""
-        return self.topic, self.feed.encode("utf-8"), _cursor_json(self.feed, cursor).encode()
+    def message_state(self, state: FeedCursor) -> tuple[str, bytes, bytes]:
+        """(topic, key, value) of the record that commits `state`."""
+        value = json.dumps(state.to_json(self.feed)).encode()
+        return self.topic, self.feed.encode("utf-8"), value
 
-    def committed(self, cursor: int) -> None:
-        """Remember a cursor whose record was committed by someone else (a transaction)."""
-        self._cursor = cursor
+    def committed_state(self, state: FeedCursor) -> None:
+        """Remember a position whose record was committed by someone else (a transaction)."""
+        self._state = state
 
     def load(self) -> int:
-        if self._cursor is None:
-            self._cursor = self._read()
-        return self._cursor
+        return self.load_state().cursor
+
+    def load_state(self) -> FeedCursor:
+        if self._state is None:
+            self._state = self._read()
+        return self._state
 
     def forget(self) -> None:
         """Drop the cached cursor: the next `load()` reads it back from Kafka."""
-        self._cursor = None
+        self._state = None
 
     def commit(self, cursor: int) -> None:
+        self.commit_state(FeedCursor(cursor))
+
+    def commit_state(self, state: FeedCursor) -> None:
         if self._producer is None:
             self._producer = _cursor_producer(self.bootstrap_servers, self._client_config)
-        _produce_and_wait(self._producer, self.message(cursor), self.timeout_s)
-        self._cursor = cursor
+        _produce_and_wait(self._producer, self.message_state(state), self.timeout_s)
+        self._state = state
 
-    def _read(self) -> int:
+    def _read(self) -> FeedCursor:
         value = _read_latest(
             self.bootstrap_servers, self._client_config, self.topic, self.feed, self.timeout_s
         )
-        return self.initial if value is None else _parse_cursor(value, self.topic)
+        if value is None:
+            return FeedCursor(self.initial)
+        try:
+            return FeedCursor.from_json(json.loads(value))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"unreadable cursor record in {self.topic}: {exc!r}") from None
 
 
 def _cursor_producer(bootstrap_servers: str, client_config: Mapping[str, str]) -> Producer:
@@ -301,26 +371,6 @@ def _read_to_end(
     return latest
 
 
-def _cursor_json(feed: str, cursor: int) -> str:
-    return json.dumps(
-        {
-            "feed": feed,
-            "cursor": cursor,
-            "committed_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-    )
-
-
-def _parse_cursor(value: bytes, where: str) -> int:
-    try:
-        cursor = json.loads(value)["cursor"]
-        if not isinstance(cursor, int) or cursor < 0:
-            raise ValueError(cursor)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"unreadable cursor record in {where}: {exc!r}") from None
-    return cursor
-
-
 class JsonFileCursorStore:
     """A cursor that is a JSON object (the SFTP collector's), in a file replaced atomically.
 
@@ -408,6 +458,10 @@ class JsonKafkaCursorStore:
         self.committed(value)
 
 
+# The store of a file source's cursor (files done, row of the current file, IDs published).
+JsonCursorStore = JsonFileCursorStore | JsonKafkaCursorStore
+
+
 def _document_json(owner: str, value: Mapping[str, Any]) -> str:
     return json.dumps(
         {
@@ -430,3 +484,94 @@ def _parse_document(raw: bytes, owner: str, where: str) -> dict[str, Any]:
     if data.get("owner") != owner:
         raise ConfigError(f"{where} belongs to {data.get('owner')!r}, not {owner!r}")
     return data
+
+
+class IdRanges:
+    """The set of IDs handled in one response, as sorted closed ranges.
+
+    Feed IDs are nearly contiguous, so a million IDs are usually one range: memory
+    stays flat where a Python set would take tens of megabytes.
+    """
+
+    __slots__ = ("_ends", "_starts")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def add(self, n: int) -> bool:
+        """Add `n`; False if it was already there."""
+        starts, ends = self._starts, self._ends
+        if not ends or n > ends[-1] + 1:
+            starts.append(n)
+            ends.append(n)
+            return True
+        if n == ends[-1] + 1:
+            ends[-1] = n
+            return True
+        i = bisect.bisect_right(starts, n) - 1
+        if i >= 0 and n <= ends[i]:
+            return False
+        # A new ID below the highest one: join the neighbouring ranges where they touch.
+        joins_left = i >= 0 and ends[i] + 1 == n
+        joins_right = i + 1 < len(starts) and starts[i + 1] - 1 == n
+        if joins_left and joins_right:
+            ends[i] = ends[i + 1]
+            del starts[i + 1], ends[i + 1]
+        elif joins_left:
+            ends[i] = n
+        elif joins_right:
+            starts[i + 1] = n
+        else:
+            starts.insert(i + 1, n)
+            ends.insert(i + 1, n)
+        return True
+
+    def __contains__(self, n: object) -> bool:
+        if not isinstance(n, int):
+            return False
+        i = bisect.bisect_right(self._starts, n) - 1
+        return i >= 0 and n <= self._ends[i]
+
+    def __len__(self) -> int:
+        """The number of ranges (not of IDs)."""
+        return len(self._starts)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """The ranges, as (first, last) pairs in ascending order."""
+        return zip(self._starts, self._ends, strict=True)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IdRanges) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def copy(self) -> IdRanges:
+        ranges = IdRanges()
+        ranges._starts, ranges._ends = list(self._starts), list(self._ends)
+        return ranges
+
+    def discard_through(self, n: int) -> None:
+        """Forget every ID at or below `n`."""
+        i = bisect.bisect_right(self._ends, n)
+        del self._starts[:i], self._ends[:i]
+        if self._starts and self._starts[0] <= n:
+            self._starts[0] = n + 1
+
+    @classmethod
+    def of(cls, pairs: Sequence[Sequence[int]]) -> IdRanges:
+        """IdRanges from (first, last) pairs, in any order; ValueError if one is not a pair."""
+        checked: list[tuple[int, int]] = []
+        for pair in pairs:
+            first, last = pair
+            if not (type(first) is int and type(last) is int and 0 <= first <= last):
+                raise ValueError(f"not an ID range: {pair!r}")
+            checked.append((first, last))
+        ranges = cls()
+        for first, last in sorted(checked):
+            if ranges._ends and first <= ranges._ends[-1] + 1:
+                ranges._ends[-1] = max(ranges._ends[-1], last)
+            else:
+                ranges._starts.append(first)
+                ranges._ends.append(last)
+        return ranges

@@ -8,10 +8,10 @@ README's "Dead letters" documents them for consumers):
     reason         a records.REASONS code; detail: the problem in words
     raw            the row's text as received; raw_truncated: true when cut at MAX_RAW_BYTES
     id             the row's CDR ID if it could be read, else null
-    feed, source   the feed's (or SFTP source's) configured name; "feed" or "sftp"
-    fromid         the cursor the feed request started from (0 for SFTP files)
+    feed, source   the feed's (or file source's) configured name; "feed" or the protocol
+    fromid         the cursor the feed request started from (0 for files)
     rejected_at    when it was rejected, ISO 8601 UTC with milliseconds
-    file           SFTP only: the file's name
+    file           file sources only: the file's name
 """
 
 from __future__ import annotations

@@ -9,18 +9,23 @@
     |   +-- FencedError               another instance took over our transactional id
     |   +-- RegistryError             the schema registry refused our credentials or schema
     |   +-- HostKeyError              the SFTP server's host key is unknown or does not match
+    |       +-- TlsCertificateError   the FTPS server's certificate is not trusted
     +-- RetriableError                back off, leave the cursor where it is, try again
         +-- FeedUnavailableError      connection trouble, timeout, 5xx, 429
         +-- BadResponseError          a body that is not a feed response (HTML, truncated...)
         +-- DeliveryError             Kafka did not confirm an event
+        |   +-- MessagesRejectedError Kafka refused some messages for what they are
+        +-- EventsRejectedError       some events of a transaction were refused: replay it
         +-- RegistryUnavailableError  the schema registry is unreachable, 5xx or 429
-        +-- SftpUnavailableError      the SFTP server is unreachable, times out or drops us
+        +-- SftpUnavailableError      the SFTP (or FTP) server is unreachable, times out or drops us
 
 A single bad *row* is not an exception: it becomes a `records.Rejection`, goes to
 the dead-letter topic and is counted (the "skippable" class of errors).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class StreamerError(Exception):
@@ -57,6 +62,10 @@ class RegistryError(FatalError):
 
 class HostKeyError(FatalError):
     """The SFTP server's host key is not in known_hosts, or differs from the one there."""
+
+
+class TlsCertificateError(HostKeyError):
+    """The FTPS server's TLS certificate does not verify against the CAs or its host name."""
 
 
 class RetriableError(StreamerError):
@@ -96,12 +105,31 @@ class DeliveryError(RetriableError):
         self.needs_new_producer = needs_new_producer
 
 
+class MessagesRejectedError(DeliveryError):
+    """Kafka refused messages for something about them (timestamp, size, record, policy).
+
+    Nothing about Kafka itself failed: `rejected` holds each refused message, so the
+    sink can find the culprits and dead-letter them while the rest goes on.
+    """
+
+    def __init__(self, message: str, *, rejected: list[Any]) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+
+
+class EventsRejectedError(RetriableError):
+    """Exactly-once: Kafka refused some events, so their transaction was aborted.
+
+    The culprits are known by CDR ID; the replay of the poll dead-letters them.
+    """
+
+
 class RegistryUnavailableError(RetriableError):
     """The schema registry could not be reached, or answered 5xx / 429."""
 
 
 class SftpUnavailableError(RetriableError):
-    """The SFTP server could not be reached, timed out, or closed the connection."""
+    """The SFTP or FTP server could not be reached, timed out, or closed the connection."""
 
     def __init__(self, message: str, *, kind: str = "connection_error") -> None:
         super().__init__(message)

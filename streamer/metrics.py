@@ -81,7 +81,7 @@ ERROR_STATUSES = frozenset(KNOWN_STATUSES - {"Ok"})
 VOICE_CALL_TYPES = frozenset(KNOWN_CALL_TYPES - {"SMS", "Service"})
 # The Status of an answered call (ASR = answered / attempts).
 ANSWERED_STATUS = "Ok"
-# The `outcome` of a feed request (streamer/feed.py decides which); `error` is the
+# The `outcome` of a feed request (streamer/sources/feed.py decides which); `error` is the
 # fallback for an exception nobody expected.
 REQUEST_OUTCOMES = (
     "ok",
@@ -95,8 +95,11 @@ REQUEST_OUTCOMES = (
 )
 KNOWN_OUTCOMES = frozenset({*REQUEST_OUTCOMES, "error"})
 KNOWN_REASONS = frozenset(REASONS)
-SKIP_REASONS = ("below_cursor", "duplicate", "covered_by_feed", "covered_by_sftp")
-# What went wrong talking to an SFTP server (streamer/sftp.py decides which).
+SKIP_REASONS = (
+    "below_cursor", "duplicate", "covered_by_feed", "covered_by_sftp", "confirmed_before",
+    "dead_lettered_before",
+)  # fmt: skip
+# What went wrong talking to an SFTP server (streamer/sources/sftp.py decides which).
 SFTP_ERROR_KINDS = (
     "connection_error", "timeout", "auth_error", "host_key", "unreadable_file", "after_action",
 )  # fmt: skip
@@ -240,8 +243,10 @@ class Metrics:
         self.skipped = Counter(
             f"{PREFIX}_rows_skipped_total",
             "Rows not published again: at or below the cursor (below_cursor), repeated "
-            "in one response (duplicate), or already published by the paired feed "
-            "(covered_by_feed) or SFTP source (covered_by_sftp).",
+            "in one response (duplicate), already published by the paired feed "
+            "(covered_by_feed) or SFTP source (covered_by_sftp), confirmed by a try of this "
+            "cursor that broke off (confirmed_before), or a row without an ID dead-lettered "
+            "before (dead_lettered_before).",
             ["feed", "source", "reason"],
             registry=registry,
         )
@@ -316,6 +321,20 @@ class Metrics:
             ["feed"],
             registry=registry,
         )
+        self.timestamps_replaced = Counter(
+            f"{PREFIX}_timestamps_replaced_total",
+            "Events whose call time Kafka would refuse as a message timestamp (reason: "
+            "before_1970, too_old, in_future), published with the produce time instead.",
+            ["feed", "source", "reason"],
+            registry=registry,
+        )
+        self.repeated_failures = Gauge(
+            f"{PREFIX}_feed_repeated_failures",
+            "Polls in a row that failed the same way from the same cursor (0 after a "
+            "success): a feed held by input that breaks every time.",
+            ["feed"],
+            registry=registry,
+        )
         registry.register(_KafkaStatsCollector(self))
 
     def for_feed(
@@ -352,6 +371,9 @@ class FeedMetrics:
         self.delivery_errors = m.delivery_errors.labels(feed)
         self.received_bytes = m.received_bytes.labels(feed)
         self.request_duration = m.request_duration.labels(feed)
+        self.repeated_failures = m.repeated_failures.labels(feed)
+        for reason in ("before_1970", "too_old", "in_future"):
+            m.timestamps_replaced.labels(feed, source, reason)
         m.event_lag.labels(feed).set_function(self._lag)
         # Series of the bounded label sets exist from the start, at zero: a counter
         # that first appears at 1 would hide that increment from rate() and increase().
@@ -413,6 +435,10 @@ class FeedMetrics:
         if newest_event_s > self._newest_event_s:
             self._newest_event_s = newest_event_s
             self.newest_event.set(newest_event_s)
+
+    def timestamp_replaced(self, reason: str) -> None:
+        """One event published with the produce time as its timestamp, for `reason`."""
+        self.metrics.timestamps_replaced.labels(self.feed, self.source, reason).inc()
 
     def skip(self, reason: str, n: int = 1) -> None:
         """`n` rows not published again, for `reason` (one of SKIP_REASONS)."""
@@ -661,16 +687,18 @@ class _KafkaStatsCollector(Collector):
 
 
 class SftpMetrics:
-    """The SFTP collectors' own metric families, labelled by the source's configured name.
+    """The file collectors' own metric families (SFTP, FTP and FTPS alike: the names keep
+    "sftp" for the dashboards and alerts built on them), labelled by the source's name.
 
     Their events, dead letters and skipped rows count in the shared families through
-    a `FeedMetrics` with source="sftp".
+    a `FeedMetrics` with source = the protocol ("sftp", "ftp", "ftps").
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.files_seen = Counter(
             f"{PREFIX}_sftp_files_seen_total",
-            "Files matching the pattern seen on the SFTP server for the first time.",
+            "Files matching the pattern seen on the file server (SFTP, FTP, FTPS) for the "
+            "first time.",
             ["feed"],
             registry=registry,
         )
@@ -694,15 +722,15 @@ class SftpMetrics:
         )
         self.read_bytes = Counter(
             f"{PREFIX}_sftp_read_bytes_total",
-            "Bytes read from files on the SFTP server (a file read again after a restart "
-            "counts again).",
+            "Bytes read from files on the file server, as stored (compressed ones before "
+            "inflating; a file read again after a restart counts again).",
             ["feed"],
             registry=registry,
         )
         self.errors = Counter(
             f"{PREFIX}_sftp_errors_total",
-            "SFTP errors by kind: connection_error, timeout, auth_error, host_key, "
-            "unreadable_file, after_action.",
+            "File server errors by kind: connection_error, timeout, auth_error, host_key (an "
+            "SSH host key or TLS certificate), unreadable_file, after_action.",
             ["feed", "kind"],
             registry=registry,
         )

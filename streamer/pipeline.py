@@ -18,128 +18,356 @@ it: if a lower ID could still follow, committing the highest ID so far could ski
 for good should the response then break off. Otherwise the cursor is committed once,
 at the end of each response, and a crash mid-response publishes that response again.
 
-Steps 4 and 5 are shared with the SFTP collector (streamer/sftp.py) through
+Steps 4 and 5 are shared with the SFTP collector (streamer/sources/sftp.py) through
 `EventSink`; a feed and the SFTP source paired with it run in one thread
 (`run_together`) and share one producer (`PublisherSlot`).
 """
 
 from __future__ import annotations
 
-import bisect
+import hashlib
 import logging
-import random
-import threading
 import time
-from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Container, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Container, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
 from functools import partial
 from typing import Protocol, cast
+from zoneinfo import ZoneInfo
 
-from streamer.avro import timestamp_ms
-from streamer.cursor import CursorStore
-from streamer.deadletter import encode_dead_letter
-from streamer.errors import DeliveryError, FatalError, RetriableError, StreamerError
-from streamer.feed import Backoff, FeedClient
-from streamer.metrics import FeedMetrics, UsageTally
-from streamer.publisher import Publisher
-from streamer.records import CallRecord, Rejection, to_record
+from streamer.cursor import (
+    CursorStore,
+    FeedCursor,
+    IdRanges,
+    TransactionalCursorStore,
+    is_transactional_store,
+)
+from streamer.errors import (
+    BadResponseError,
+    DeliveryError,
+    EventsRejectedError,
+    FeedUnavailableError,
+    MessagesRejectedError,
+    StreamerError,
+)
+from streamer.metrics import FeedMetrics
+from streamer.publisher import Publisher, TimestampLimits
+from streamer.records import CallRecord, Rejection, Row, to_record
+from streamer.sink import Batch, Encoder, EventSink, PublisherSlot
+from streamer.sources.feed import FeedClient
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 10.0
+REPEATED_FAILURES_WARN = 3  # same cursor, same failure, this many times: say so loudly
+MAX_WITHOUT_ID_KEPT = 1000  # digests of rows without an ID, kept in the cursor
 
 
-class IdRanges:
-    """The set of IDs handled in one response, as sorted closed ranges.
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """What a checkpoint commits once its batch is confirmed.
 
-    Feed IDs are nearly contiguous, so a million IDs are usually one range: memory
-    stays flat where a Python set would take tens of megabytes.
+    Exactly-once: `messages` (the cursor record) join the batch's transaction and
+    `on_confirmed` tells the store it landed. At-least-once: no messages;
+    `on_confirmed` writes the cursor to its store, after the flush.
     """
 
-    __slots__ = ("_ends", "_starts")
+    messages: tuple[tuple[str, bytes, bytes], ...]
+    on_confirmed: Callable[[], None]
 
-    def __init__(self) -> None:
-        self._starts: list[int] = []
-        self._ends: list[int] = []
 
-    def add(self, n: int) -> bool:
-        """Add `n`; False if it was already there."""
-        starts, ends = self._starts, self._ends
-        if not ends or n > ends[-1] + 1:
-            starts.append(n)
-            ends.append(n)
-            return True
-        if n == ends[-1] + 1:
-            ends[-1] = n
-            return True
-        i = bisect.bisect_right(starts, n) - 1
-        if i >= 0 and n <= ends[i]:
-            return False
-        # A new ID below the highest one: join the neighbouring ranges where they touch.
-        joins_left = i >= 0 and ends[i] + 1 == n
-        joins_right = i + 1 < len(starts) and starts[i + 1] - 1 == n
-        if joins_left and joins_right:
-            ends[i] = ends[i + 1]
-            del starts[i + 1], ends[i + 1]
-        elif joins_left:
-            ends[i] = n
-        elif joins_right:
-            starts[i + 1] = n
+class Position(Protocol):
+    """A source's progress through one poll, as the drive loop sees it, row by row."""
+
+    def admit(self, cdr_id: int | None, raw: str) -> str | None:
+        """Called for every row, in order: None to handle it, else why it is skipped."""
+        ...
+
+    def checkpoint_safe(self) -> bool:
+        """May a checkpoint be taken now, mid-stream, without risking a skipped row?"""
+        ...
+
+    def commit(self, *, broken: bool = False) -> Commit | None:
+        """What a checkpoint now commits (`broken`: after the rows broke off); None: nothing."""
+        ...
+
+
+@dataclass
+class Tally:
+    """What one drive did, row by row."""
+
+    rows: int = 0  # rows given to the loop, skipped ones included
+    published: int = 0
+    dead_lettered: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+class Drive:
+    """The one drive loop: type -> admit -> publish or dead-letter -> checkpoint.
+
+    Every source feeds it rows (the feed a response, the file collector a file), with
+    a `Position` that decides which rows count and what a checkpoint commits. The
+    caller runs `run()` and then `checkpoint()`; after an error it may still
+    `checkpoint()` what was confirmed so far, where its source says that is safe.
+    """
+
+    def __init__(
+        self,
+        sink: EventSink,
+        publisher: Publisher,
+        position: Position,
+        *,
+        checkpoint_every: int,
+        headers: Sequence[tuple[str, str | bytes | None]] = (),
+        fromid: int = 0,
+        file: str | None = None,
+        on_checkpoint: Callable[[], None] | None = None,
+        progress: Callable[[Tally], None] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.publisher = publisher
+        self.position = position
+        self.checkpoint_every = checkpoint_every
+        self.headers = headers
+        self.fromid = fromid
+        self.file = file
+        self.on_checkpoint = on_checkpoint
+        self.progress = progress
+        self.batch = Batch()
+        self.tally = Tally()
+        # The earliest local date of the rows handled, when asked (`track_days`): where a
+        # catch-up by date windows starts (FeedPipeline).
+        self.track_days = False
+        self.first_day: date | None = None
+
+    def run(self, rows: Iterable[Row | Rejection]) -> None:
+        """Handle every row; may raise from the rows' iterator (the batch stays open)."""
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
+        try:
+            self._run(rows, next_progress)
+        except MessagesRejectedError as exc:
+            # Exactly-once: a refusal aborted the transaction mid-batch. Find the culprits
+            # and replay (raises EventsRejectedError).
+            self._dead_letter_refused(exc)
+            raise
+
+    def _run(self, rows: Iterable[Row | Rejection], next_progress: float) -> None:
+        sink, publisher, position, tally = self.sink, self.publisher, self.position, self.tally
+        refused = sink.refused
+        for row in rows:
+            tally.rows += 1
+            # Step 3: type the row; a row that cannot be typed becomes a rejection.
+            item = row if isinstance(row, Rejection) else to_record(row)
+            cdr_id = item.id if isinstance(item, CallRecord) else item.cdr_id
+            if (
+                self.track_days
+                and isinstance(item, CallRecord)
+                and (self.first_day is None or item.date < self.first_day)
+            ):
+                self.first_day = item.date
+            skip = position.admit(cdr_id, row.raw)
+            if skip is not None:
+                tally.skipped[skip] += 1
+                continue
+            # Step 4: produce the event or the dead letter.
+            if isinstance(item, CallRecord) and refused and item.id in refused:
+                # Exactly-once replay of a transaction Kafka refused this event in.
+                raw = row.raw if isinstance(row, Row) else ""
+                item = Rejection("kafka_rejected", refused[item.id], raw, item.id)
+            if isinstance(item, CallRecord):
+                sink.publish(publisher, item, self.batch, self.headers, row.raw)
+                tally.published += 1
+            else:
+                sink.dead_letter(publisher, item, self.batch, fromid=self.fromid, file=self.file)
+                tally.dead_lettered += 1
+            if self.batch.size >= self.checkpoint_every and position.checkpoint_safe():
+                # Step 5 (mid-stream): the rows so far, confirmed, then the cursor.
+                self.checkpoint()
+            if self.progress is not None and time.monotonic() >= next_progress:
+                next_progress += PROGRESS_EVERY_S
+                self.progress(tally)
+
+    def checkpoint(self, *, broken: bool = False) -> None:
+        """Step 5: flush and check every delivery report, then commit the cursor.
+
+        `broken`: the rows broke off (a cut body); the source commits what it safely can.
+
+        Kafka may refuse some events for what they are (a timestamp, a size, a policy):
+        those go to the dead-letter topic with the broker's reason, and the rest of the
+        batch is committed. At least once, at once; exactly once, the transaction is
+        aborted and the poll replayed with them dead-lettered (EventsRejectedError).
+        """
+        commit = self.position.commit(broken=broken)
+        messages = commit.messages if commit is not None else ()
+        on_confirmed = commit.on_confirmed if commit is not None else None
+        try:
+            self.sink.confirm(
+                self.publisher, self.batch, cursor_messages=messages, on_confirmed=on_confirmed
+            )
+        except MessagesRejectedError as exc:
+            self._dead_letter_refused(exc)
+            self.sink.confirm(
+                self.publisher, self.batch, cursor_messages=(), on_confirmed=on_confirmed
+            )
+        self.batch = Batch()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()
+
+
+    def _dead_letter_refused(self, exc: MessagesRejectedError) -> None:
+        sink, publisher = self.sink, self.publisher
+        refused = sink.isolate(publisher, exc.rejected)
+        events = [r for r in refused if r.topic == sink.topic and r.cdr_id is not None]
+        others = [r for r in refused if r not in events]
+        for r in events:
+            log.warning(
+                "%s %s: Kafka refused the event of CDR %s (%s); it goes to the dead-letter "
+                "topic", sink.source, sink.name, r.cdr_id, r.reason,
+            )  # fmt: skip
+        if others:
+            # A dead letter or cursor record Kafka refuses on its own: nothing to fall back to.
+            raise DeliveryError(
+                f"Kafka refused {len(others)} dead letters or cursor records: "
+                f"{others[0].reason}"
+            ) from exc
+        if publisher.transactional_id:
+            sink.refuse(events)
+            raise EventsRejectedError(
+                f"Kafka refused {len(events)} events (CDR "
+                f"{', '.join(str(r.cdr_id) for r in events[:5])}"
+                f"{' ...' if len(events) > 5 else ''}): the transaction is aborted and the "
+                "poll replayed with them dead-lettered"
+            ) from exc
+        for r in events:
+            assert r.cdr_id is not None
+            rejection = Rejection(
+                "kafka_rejected", f"Kafka refused the event: {r.reason}", sink.sent(r).raw,
+                r.cdr_id,
+            )  # fmt: skip
+            sink.dead_letter(publisher, rejection, self.batch, fromid=self.fromid, file=self.file)
+            self.tally.published -= 1
+            self.tally.dead_lettered += 1
+
+
+class FeedPosition:
+    """A feed's position within one response: the committed cursor, and what was handled.
+
+    Rows at or below the cursor are skipped (`below_cursor`), repeated IDs too
+    (`duplicate`), IDs confirmed in an earlier try of this cursor (`confirmed_before`),
+    rows without an ID already dead-lettered at this cursor (`dead_lettered_before`),
+    and IDs the paired SFTP source published (`covered_by_sftp`; the cursor moves over
+    them). Mid-response checkpoints are safe only while the response keeps to ID order
+    (with `ids_ascending`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        start: FeedCursor,
+        store: CursorStore,
+        *,
+        exactly_once: bool,
+        ascending: bool,
+        covered: Container[int] | None,
+    ) -> None:
+        self.name = name
+        self.start = start
+        self.committed = start.cursor
+        self.high = start.cursor  # the highest ID handled (published or dead-lettered) so far
+        self.store = store
+        self.exactly_once = exactly_once
+        self.ascending = ascending
+        self.covered = covered
+        self._fromid = start.cursor
+        self._confirmed_before = IdRanges.of(start.confirmed)
+        self._without_id_before = frozenset(start.without_id)
+        self._without_id: list[str] = []  # digests of this response's rows without an ID
+        self._seen = IdRanges()  # every ID of this response handled so far
+
+    def admit(self, cdr_id: int | None, raw: str) -> str | None:
+        if cdr_id is None:
+            digest = hashlib.blake2b(raw.encode("utf-8", "surrogatepass"), digest_size=12)
+            key = digest.hexdigest()
+            if len(self._without_id) < MAX_WITHOUT_ID_KEPT:
+                self._without_id.append(key)
+            return "dead_lettered_before" if key in self._without_id_before else None
+        if cdr_id <= self._fromid:
+            return "below_cursor"
+        if not self._seen.add(cdr_id):
+            return "duplicate"
+        if cdr_id > self.high:
+            self.high = cdr_id
+        elif self.ascending:
+            self.ascending = False
+            log.warning(
+                "feed %s: ID %d came after ID %d although ids_ascending is set; "
+                "no more checkpoints until this response ends",
+                self.name, cdr_id, self.high,
+            )  # fmt: skip
+        if cdr_id in self._confirmed_before:
+            return "confirmed_before"  # a try of this cursor that broke off confirmed it
+        if self.covered is not None and cdr_id in self.covered:
+            # The paired SFTP source published it: handled, not published again.
+            return "covered_by_sftp"
+        return None
+
+    def checkpoint_safe(self) -> bool:
+        # Everything up to `high` came before any higher ID.
+        return self.ascending
+
+    def commit(self, *, broken: bool = False) -> Commit | None:
+        """The cursor the checkpoint commits.
+
+        Normally `high`: every ID up to it came in this response. `broken`, after the
+        response broke off: the cursor moves only over IDs handled without a gap from
+        it, and every other ID handled is kept as confirmed above it.
+        """
+        if broken:
+            state = self._partial_state()
         else:
-            starts.insert(i + 1, n)
-            ends.insert(i + 1, n)
-        return True
+            confirmed = self._confirmed_before.copy()
+            confirmed.discard_through(self.high)
+            state = FeedCursor(self.high, tuple(confirmed), tuple(self._without_id))
+        if state == self.start and self.committed == state.cursor:
+            return None
+        if self.exactly_once:
+            store = cast(TransactionalCursorStore, self.store)
+            on_confirmed = partial(self._committed, store.committed_state, state)
+            return Commit((store.message_state(state),), on_confirmed)
+        return Commit((), partial(self._committed, self.store.commit_state, state))
 
-    def __contains__(self, n: object) -> bool:
-        if not isinstance(n, int):
-            return False
-        i = bisect.bisect_right(self._starts, n) - 1
-        return i >= 0 and n <= self._ends[i]
+    def _partial_state(self) -> FeedCursor:
+        handled = IdRanges.of([*self._confirmed_before, *self._seen])
+        cursor = self._fromid
+        ranges = list(handled)
+        if ranges and ranges[0][0] <= cursor + 1:
+            cursor = max(cursor, ranges[0][1])
+        handled.discard_through(cursor)
+        without_id = tuple(dict.fromkeys((*self.start.without_id, *self._without_id)))
+        return FeedCursor(cursor, tuple(handled), without_id[-MAX_WITHOUT_ID_KEPT:])
 
-    def __len__(self) -> int:
-        """The number of ranges (not of IDs)."""
-        return len(self._starts)
+    def _committed(self, commit: Callable[[FeedCursor], None], state: FeedCursor) -> None:
+        commit(state)
+        self.committed = state.cursor
+        self.start = state
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        """The ranges, as (first, last) pairs in ascending order."""
-        return zip(self._starts, self._ends, strict=True)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, IdRanges) and list(self) == list(other)
+@dataclass
+class CatchUp:
+    """A feed asking for one date (or hour) window at a time, oldest first, up to today.
 
-    __hash__ = None  # type: ignore[assignment]  # mutable
+    For a provider whose answer from the cursor breaks at the same place on every try:
+    smaller answers get through. `high` is the highest ID handled in the windows so far.
+    """
 
-    def copy(self) -> IdRanges:
-        ranges = IdRanges()
-        ranges._starts, ranges._ends = list(self._starts), list(self._ends)
-        return ranges
-
-    def discard_through(self, n: int) -> None:
-        """Forget every ID at or below `n`."""
-        i = bisect.bisect_right(self._ends, n)
-        del self._starts[:i], self._ends[:i]
-        if self._starts and self._starts[0] <= n:
-            self._starts[0] = n + 1
+    windows: list[tuple[date, int | None]]
+    high: int = 0
 
     @classmethod
-    def of(cls, pairs: Sequence[Sequence[int]]) -> IdRanges:
-        """IdRanges from (first, last) pairs, in any order; ValueError if one is not a pair."""
-        checked: list[tuple[int, int]] = []
-        for pair in pairs:
-            first, last = pair
-            if not (type(first) is int and type(last) is int and 0 <= first <= last):
-                raise ValueError(f"not an ID range: {pair!r}")
-            checked.append((first, last))
-        ranges = cls()
-        for first, last in sorted(checked):
-            if ranges._ends and first <= ranges._ends[-1] + 1:
-                ranges._ends[-1] = max(ranges._ends[-1], last)
-            else:
-                ranges._starts.append(first)
-                ranges._ends.append(last)
-        return ranges
+    def from_day(cls, first: date, today: date) -> CatchUp:
+        days = max(0, (today - first).days)
+        return cls([(first + timedelta(days=n), None) for n in range(days + 1)])
 
 
 @dataclass
@@ -154,182 +382,10 @@ class PollResult:
     skipped: int = 0
     duplicates: int = 0
     covered: int = 0  # rows the paired SFTP source had already published
+    confirmed_before: int = 0  # confirmed by an earlier try of this cursor that broke off
+    dead_lettered_before: int = 0  # rows without an ID, dead-lettered before
+    more: bool = False  # a catch-up by date windows goes on: poll again at once
     seconds: float = 0.0
-
-
-@dataclass
-class Batch:
-    """What was produced since the last checkpoint; becomes metrics once confirmed."""
-
-    published: Counter[tuple[str, str, str]] = field(default_factory=Counter)
-    rejected: Counter[str] = field(default_factory=Counter)
-    usage: UsageTally = field(default_factory=UsageTally)  # seconds and charges, for the KPIs
-    newest_event_ms: int = 0
-    size: int = 0
-
-
-class Encoder(Protocol):
-    """CallRecord -> the event's value bytes (single-object Avro, or registry framing)."""
-
-    def encode(self, record: CallRecord) -> bytes: ...
-
-
-class TransactionalCursorStore(CursorStore, Protocol):
-    """A cursor store whose record can ride in the events' own Kafka transaction."""
-
-    def message(self, cursor: int) -> tuple[str, bytes, bytes]: ...
-
-    def committed(self, cursor: int) -> None: ...
-
-
-class PublisherSlot:
-    """The producer of one thread's sources: built on first use, again after a fatal error.
-
-    A feed and the SFTP source paired with it share one slot, so in exactly-once
-    mode both write through one transactional producer, one transaction at a time.
-    """
-
-    def __init__(self, factory: Callable[[], Publisher]) -> None:
-        self._factory = factory
-        self._publisher: Publisher | None = None
-
-    def get(self) -> Publisher:
-        if self._publisher is None:
-            self._publisher = self._factory()
-        return self._publisher
-
-    def discard(self, publisher: Publisher) -> None:
-        """Drop a producer a fatal error made useless; the next `get()` builds another."""
-        if self._publisher is publisher:
-            publisher.close(0)
-            self._publisher = None
-
-    def close(self) -> None:
-        if self._publisher is not None:
-            self._publisher.close()
-            self._publisher = None
-
-
-class EventSink:
-    """Steps 4 and 5 for any source: produce events and dead letters, confirm, then commit.
-
-    One instance per source (its name, `source` header and metrics), over the
-    producer of its `PublisherSlot`.
-    """
-
-    def __init__(
-        self,
-        *,
-        name: str,
-        source: str,
-        slot: PublisherSlot,
-        encoder: Encoder,
-        topic: str,
-        dead_letter_topic: str,
-        metrics: FeedMetrics,
-        flush_timeout_s: float,
-    ) -> None:
-        self.name = name
-        self.source = source
-        self.slot = slot
-        self.encoder = encoder
-        self.topic = topic
-        self.dead_letter_topic = dead_letter_topic
-        self.metrics = metrics
-        self.flush_timeout_s = flush_timeout_s
-        self._headers_base: list[tuple[str, str | bytes | None]] = [
-            ("source", source.encode()),
-            ("feed", name.encode()),
-        ]
-
-    def publish(
-        self,
-        publisher: Publisher,
-        record: CallRecord,
-        batch: Batch,
-        headers: Sequence[tuple[str, str | bytes | None]] = (),
-    ) -> None:
-        """Produce the record's event, keyed by AccountCode, stamped with the call's time."""
-        ts = timestamp_ms(record)
-        publisher.produce(
-            self.topic,
-            record.account_code.encode("utf-8"),
-            self.encoder.encode(record),
-            timestamp_ms=ts,
-            headers=[("cdr_id", str(record.id).encode()), *self._headers_base, *headers],
-        )
-        batch.published[(record.status, record.direction, record.call_type)] += 1
-        batch.usage.add(record)
-        if ts > batch.newest_event_ms:
-            batch.newest_event_ms = ts
-        batch.size += 1
-
-    def dead_letter(
-        self,
-        publisher: Publisher,
-        rejection: Rejection,
-        batch: Batch,
-        *,
-        fromid: int,
-        file: str | None = None,
-    ) -> None:
-        """Produce the rejection to the dead-letter topic, keyed by the source's name."""
-        headers: list[tuple[str, str | bytes | None]] = [
-            ("reason", rejection.reason.encode()),
-            *self._headers_base,
-        ]
-        if file is not None:
-            headers.append(("file", file.encode("utf-8")))
-        publisher.produce(
-            self.dead_letter_topic,
-            self.name.encode("utf-8"),
-            encode_dead_letter(
-                rejection, feed=self.name, source=self.source, fromid=fromid, file=file
-            ),
-            headers=headers,
-        )
-        batch.rejected[rejection.reason] += 1
-        batch.size += 1
-
-    def confirm(
-        self,
-        publisher: Publisher,
-        batch: Batch,
-        *,
-        cursor_messages: Sequence[tuple[str, bytes, bytes]] = (),
-        on_confirmed: Callable[[], None] | None = None,
-    ) -> None:
-        """Step 5: flush and check every delivery report, then commit the cursor.
-
-        Exactly-once: `cursor_messages` join the open transaction and the flush commits
-        it; `on_confirmed` then tells the store. At-least-once: `on_confirmed` commits
-        the cursor to its store, after the flush.
-        """
-        self.metrics.in_flight.set(publisher.in_flight)
-        try:
-            for topic, key, value in cursor_messages:
-                publisher.produce(topic, key, value)
-            publisher.flush(self.flush_timeout_s)  # in a transaction: commits it
-            if on_confirmed is not None:
-                on_confirmed()
-        except DeliveryError:
-            self.metrics.delivery_errors.inc(max(1, publisher.in_flight))
-            raise
-        self.metrics.confirmed(
-            batch.published, batch.rejected, batch.newest_event_ms / 1000, batch.usage
-        )
-        self.metrics.in_flight.set(0)
-
-    def recover(self, publisher: Publisher, exc: BaseException) -> None:
-        """After a failed poll: nothing of an open transaction may become visible."""
-        publisher.abort()
-        self.metrics.in_flight.set(publisher.in_flight)
-        needs_new = isinstance(exc, DeliveryError) and exc.needs_new_producer
-        if needs_new or not publisher.usable:
-            log.warning(
-                "%s %s: replacing the Kafka producer after a fatal error", self.source, self.name
-            )
-            self.slot.discard(publisher)
 
 
 class FeedPipeline:
@@ -363,8 +419,10 @@ class FeedPipeline:
         exactly_once: bool = False,
         ids_ascending: bool = False,
         covered_by: Callable[[], Container[int]] | None = None,
+        timestamp_limits: TimestampLimits | None = None,
+        timezone: str = "Pacific/Auckland",
     ) -> None:
-        if exactly_once and not _is_transactional_store(cursor_store):
+        if exactly_once and not is_transactional_store(cursor_store):
             raise TypeError("exactly-once needs a cursor store that can join a transaction")
         if publisher_slot is None:
             if publisher_factory is None:
@@ -384,7 +442,12 @@ class FeedPipeline:
         self.exactly_once = exactly_once
         self.ids_ascending = ids_ascending
         self.covered_by = covered_by
-        self.last_cursor: int | None = None  # as of the last poll; for log lines only
+        self.last_cursor: int | None = None  # the last committed; for log lines only
+        self.timezone = ZoneInfo(timezone)
+        self._first_day: date | None = None  # of the rows seen before the last break
+        self._catch_up: CatchUp | None = None
+        self._last_failure: tuple[int, str, str] | None = None
+        self._same_failures = 0
         self.sink = EventSink(
             name=name,
             source=source,
@@ -394,6 +457,7 @@ class FeedPipeline:
             dead_letter_topic=dead_letter_topic,
             metrics=metrics,
             flush_timeout_s=flush_timeout_s,
+            timestamp_limits=timestamp_limits,
         )
 
     @property
@@ -412,15 +476,17 @@ class FeedPipeline:
         # transaction before we read the cursor, so the cursor we read is final.
         publisher = self.publisher
         # Step 1: the committed cursor is where this poll starts.
-        fromid = self.cursor_store.load()
+        start = self.cursor_store.load_state()
+        fromid = start.cursor
         self.last_cursor = fromid
         covered = self.covered_by() if self.covered_by is not None else None
         self.metrics.cursor.set(fromid)
         log.debug("feed %s: polling from cursor %d", self.name, fromid)
         result = PollResult(cursor_before=fromid, cursor_after=fromid)
         try:
-            self._poll(publisher, fromid, covered, result, started)
+            self._poll(publisher, start, covered, result, started)
         except BaseException as exc:
+            self._count_failure(fromid, exc)
             self.sink.recover(publisher, exc)
             forget = getattr(self.cursor_store, "forget", None)
             if self.exactly_once and forget is not None:
@@ -428,260 +494,178 @@ class FeedPipeline:
                 forget()
             raise
         self.last_cursor = result.cursor_after
+        self.sink.forget_refused_through(result.cursor_after)
         self.metrics.skip("below_cursor", result.skipped)
         self.metrics.skip("duplicate", result.duplicates)
         self.metrics.skip("covered_by_sftp", result.covered)
+        self.metrics.skip("confirmed_before", result.confirmed_before)
+        self.metrics.skip("dead_lettered_before", result.dead_lettered_before)
         self.metrics.poll_succeeded()
+        self._same_failures, self._last_failure = 0, None
+        self.metrics.repeated_failures.set(0)
         result.seconds = time.monotonic() - started
         return result
+
+    def _count_failure(self, fromid: int, exc: BaseException) -> None:
+        """Polls failing the same way from the same cursor: a break that recurs every time."""
+        failure = (fromid, type(exc).__name__, getattr(exc, "reason", ""))
+        self._same_failures = self._same_failures + 1 if failure == self._last_failure else 1
+        self._last_failure = failure
+        self.metrics.repeated_failures.set(self._same_failures)
+        broke_off = isinstance(exc, BadResponseError | FeedUnavailableError)
+        if (
+            self._same_failures >= REPEATED_FAILURES_WARN
+            and broke_off
+            and self._catch_up is None
+            and self._first_day is not None
+        ):
+            # The same answer breaks at the same place every time: ask for less at a time.
+            self._catch_up = CatchUp.from_day(
+                self._first_day - timedelta(days=1), datetime.now(self.timezone).date()
+            )
+            log.warning(
+                "feed %s: catching up by date windows from %s (%d requests at least), since "
+                "the answer from cursor %d breaks at the same place every time",
+                self.name, self._catch_up.windows[0][0], len(self._catch_up.windows), fromid,
+            )  # fmt: skip
+            return
+        if self._same_failures == REPEATED_FAILURES_WARN:
+            log.error(
+                "feed %s: %d polls in a row from cursor %d failed the same way (%s); the rows "
+                "before the break are kept and not published again, but the provider's answer "
+                "breaks at the same place every time: check the provider, or narrow the "
+                "request (page_size, or a backfill by --date)",
+                self.name, self._same_failures, fromid, exc,
+            )  # fmt: skip
 
     def _poll(
         self,
         publisher: Publisher,
-        fromid: int,
+        start: FeedCursor,
         covered: Container[int] | None,
         result: PollResult,
         started: float,
     ) -> None:
-        seen = IdRanges()
-        high = fromid  # the highest ID handled (published or dead-lettered) in this poll
-        ascending = self.ids_ascending  # mid-response checkpoints are safe while this holds
-        batch = Batch()
-        next_progress = started + PROGRESS_EVERY_S
-        # Step 2: fetch; the rows arrive parsed as the body streams in.
-        with self.client.fetch(fromid) as rows:
-            for row in rows:
-                result.rows += 1
-                # Step 3: type the row; a row that cannot be typed becomes a rejection.
-                item = row if isinstance(row, Rejection) else to_record(row)
-                cdr_id = item.id if isinstance(item, CallRecord) else item.cdr_id
-                if cdr_id is not None:
-                    if cdr_id <= fromid:
-                        result.skipped += 1
-                        continue
-                    if not seen.add(cdr_id):
-                        result.duplicates += 1
-                        continue
-                    if cdr_id > high:
-                        high = cdr_id
-                    elif ascending:
-                        ascending = False
-                        log.warning(
-                            "feed %s: ID %d came after ID %d although ids_ascending is set; "
-                            "no more checkpoints until this response ends",
-                            self.name, cdr_id, high,
-                        )  # fmt: skip
-                    if covered is not None and cdr_id in covered:
-                        # The paired SFTP source published it: handled, not published again.
-                        result.covered += 1
-                        continue
-                # Step 4: produce the event or the dead letter.
-                if isinstance(item, CallRecord):
-                    self.sink.publish(publisher, item, batch)
-                    result.published += 1
-                else:
-                    self.sink.dead_letter(publisher, item, batch, fromid=fromid)
-                    result.dead_lettered += 1
-                if ascending and batch.size >= self.checkpoint_every:
-                    # Step 5 (mid-response): everything up to `high` came before any higher ID.
-                    self._checkpoint(publisher, batch, high, result)
-                    batch = Batch()
-                if time.monotonic() >= next_progress:
-                    next_progress += PROGRESS_EVERY_S
-                    self._log_progress(result, high, started)
-        # Step 5: every event and dead letter of the response confirmed -> commit.
-        self._checkpoint(publisher, batch, high, result)
+        if self._catch_up is not None:
+            self._poll_window(publisher, start, covered, result, started, self._catch_up)
+            return
+        fromid = start.cursor
+        position = FeedPosition(
+            self.name, start, self.cursor_store, exactly_once=self.exactly_once,
+            ascending=self.ids_ascending, covered=covered,
+        )  # fmt: skip
 
-    def _checkpoint(
-        self, publisher: Publisher, batch: Batch, high: int, result: PollResult
+        def checkpointed() -> None:
+            if position.committed > result.cursor_after:
+                result.cursor_after = position.committed
+                self.last_cursor = position.committed
+                self.metrics.cursor.set(position.committed)
+
+        drive = Drive(
+            self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
+            fromid=fromid, on_checkpoint=checkpointed,
+            progress=partial(self._log_progress, position, started),
+        )  # fmt: skip
+        drive.track_days = self._same_failures > 0  # a break may recur: note where it starts
+        try:
+            # Step 2: fetch; the rows arrive parsed as the body streams in.
+            try:
+                with self.client.fetch(fromid) as rows:
+                    drive.run(rows)
+            except (BadResponseError, FeedUnavailableError) as exc:
+                if drive.tally.rows:
+                    self._keep_before_break(drive, position, exc)
+                if drive.first_day is not None:
+                    self._first_day = drive.first_day
+                raise
+            # Step 5: every event and dead letter of the response confirmed -> commit.
+            drive.checkpoint()
+        finally:
+            tally = drive.tally
+            result.rows = tally.rows
+            result.published = tally.published
+            result.dead_lettered = tally.dead_lettered
+            result.skipped = tally.skipped["below_cursor"]
+            result.duplicates = tally.skipped["duplicate"]
+            result.covered = tally.skipped["covered_by_sftp"]
+            result.confirmed_before = tally.skipped["confirmed_before"]
+            result.dead_lettered_before = tally.skipped["dead_lettered_before"]
+
+    def _poll_window(
+        self,
+        publisher: Publisher,
+        start: FeedCursor,
+        covered: Container[int] | None,
+        result: PollResult,
+        started: float,
+        catch_up: CatchUp,
     ) -> None:
-        advance = high > result.cursor_after
-        messages: tuple[tuple[str, bytes, bytes], ...] = ()
-        on_confirmed: Callable[[], None] | None = None
-        if advance and self.exactly_once:
-            store = cast(TransactionalCursorStore, self.cursor_store)
-            messages = (store.message(high),)
-            on_confirmed = partial(store.committed, high)
-        elif advance:
-            on_confirmed = partial(self.cursor_store.commit, high)
-        self.sink.confirm(publisher, batch, cursor_messages=messages, on_confirmed=on_confirmed)
-        if advance:
-            result.cursor_after = high
-            self.metrics.cursor.set(high)
+        """One date (or hour) window of a catch-up; the last one moves the cursor over all."""
+        day, hour = catch_up.windows[0]
+        position = FeedPosition(
+            self.name, start, self.cursor_store, exactly_once=self.exactly_once,
+            ascending=False, covered=covered,
+        )  # fmt: skip
+        drive = Drive(
+            self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
+            fromid=start.cursor,
+        )  # fmt: skip
+        window = replace(self.client.query, date=day, hour=hour)
+        try:
+            with self.client.fetch(start.cursor, window) as rows:
+                drive.run(rows)
+        except (BadResponseError, FeedUnavailableError) as exc:
+            if drive.tally.rows:
+                self._keep_before_break(drive, position, exc)
+            if hour is None:  # a day too large: its hours, one at a time
+                catch_up.windows[:1] = [(day, h) for h in range(24)]
+                log.info("feed %s: %s breaks off too; trying it hour by hour", self.name, day)
+                result.more = True
+                return
+            raise
+        finally:
+            result.rows += drive.tally.rows
+            result.published += drive.tally.published
+            result.dead_lettered += drive.tally.dead_lettered
+        catch_up.high = max(catch_up.high, position.high)
+        catch_up.windows.pop(0)
+        if catch_up.windows:
+            drive.checkpoint(broken=True)  # a window is not the whole feed: keep, don't skip
+            result.more = True
+        else:
+            # Every window up to today is in: every ID above the cursor up to the highest
+            # one handled has been seen, so the cursor moves over them all.
+            position.high = max(position.high, catch_up.high)
+            drive.checkpoint()
+            self._catch_up, self._first_day = None, None
+            log.info("feed %s: caught up by date windows; cursor %d", self.name, position.high)
+        result.cursor_after = max(result.cursor_after, position.committed)
+        self.last_cursor = result.cursor_after
+        self.metrics.cursor.set(result.cursor_after)
 
-    def _log_progress(self, result: PollResult, high: int, started: float) -> None:
+    def _keep_before_break(self, drive: Drive, position: FeedPosition, exc: Exception) -> None:
+        """The body broke off: commit the rows before the break, so no retry repeats them."""
+        try:
+            drive.checkpoint(broken=True)
+        except StreamerError as error:
+            log.warning(
+                "feed %s: could not keep the rows before the break (%s): %s",
+                self.name, exc, error,
+            )  # fmt: skip
+            return
+        state = position.start
+        log.info(
+            "feed %s: the response broke off after %d rows (%s); they are confirmed: cursor "
+            "%d, %d ID ranges above it kept so that no retry publishes them again",
+            self.name, drive.tally.rows, getattr(exc, "reason", type(exc).__name__),
+            state.cursor, len(state.confirmed),
+        )  # fmt: skip
+
+    def _log_progress(self, position: FeedPosition, started: float, tally: Tally) -> None:
         elapsed = time.monotonic() - started
         log.info(
             "feed %s: %d rows so far (%.0f rows/s), %d published, %d dead letters, "
             "cursor %d committed, highest ID %d",
-            self.name, result.rows, result.rows / elapsed if elapsed else 0.0,
-            result.published, result.dead_lettered, result.cursor_after, high,
+            self.name, tally.rows, tally.rows / elapsed if elapsed else 0.0,
+            tally.published, tally.dead_lettered, position.committed, position.high,
         )  # fmt: skip
-
-
-def _is_transactional_store(store: object) -> bool:
-    return callable(getattr(store, "message", None)) and callable(getattr(store, "committed", None))
-
-
-class Runner(ABC):
-    """Polls one source until stopped: retriable errors back off, fatal ones stop it."""
-
-    kind = "source"  # the first word of its log lines: "feed", "sftp"
-
-    def __init__(self, name: str, metrics: FeedMetrics, backoff: Backoff) -> None:
-        self.name = name
-        self.metrics = metrics
-        self.backoff = backoff
-        self.error: Exception | None = None
-        self._failures = 0
-
-    @abstractmethod
-    def _poll(self, *, once: bool) -> float | None:
-        """Poll once and log it; the seconds until the next poll, or None when done (once)."""
-
-    @abstractmethod
-    def _position(self) -> str:
-        """Where the source's committed cursor stands, for the log of a failed poll."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release the source's connections and producer."""
-
-    def step(self, *, once: bool = False, max_failures: int = 5) -> float | None:
-        """One poll with its error handling: the seconds to wait, or None once this runner ends.
-
-        With `once`, `max_failures` retriable errors in a row end the run (recorded in `error`).
-        """
-        label = f"{self.kind} {self.name}"
-        try:
-            delay = self._poll(once=once)
-        except FatalError as exc:
-            log.error("%s stopped: %s", label, exc)
-            self.metrics.poll_error(type(exc).__name__)
-            self.metrics.feed_up.set(0)
-            self.error = exc
-            return None
-        except RetriableError as exc:
-            self.metrics.poll_error(type(exc).__name__)
-            self._failures += 1
-            if once and self._failures >= max_failures:
-                log.error("%s: giving up after %d failures: %s", label, self._failures, exc)
-                self.error = exc
-                return None
-            delay = self.backoff.next_delay(getattr(exc, "retry_after_s", None) or 0.0)
-            try:
-                position = self._position()
-            except StreamerError as error:  # e.g. Kafka down: the cursor cannot be read now
-                position = f"cursor unknown ({error})"
-            log.warning("%s: %s; %s, next try in %.1f s", label, exc, position, delay)
-            return delay
-        except Exception as exc:
-            # A bug or an unforeseen error: this source stops, loudly, and the process
-            # reports it in its exit code, instead of a thread dying unnoticed.
-            log.exception("%s stopped on an unexpected error: %s", label, exc)
-            self.metrics.poll_error(type(exc).__name__)
-            self.metrics.feed_up.set(0)
-            self.error = exc
-            return None
-        self.backoff.reset()
-        self._failures = 0
-        return delay
-
-    def run(self, stop: threading.Event, *, once: bool = False, max_failures: int = 5) -> None:
-        """Poll until `stop` is set; with `once`, until the source has nothing more."""
-        while not stop.is_set():
-            delay = self.step(once=once, max_failures=max_failures)
-            if delay is None:
-                return
-            if delay > 0:
-                stop.wait(delay)
-
-
-class FeedRunner(Runner):
-    """Polls one feed until stopped: retriable errors back off, fatal ones stop it."""
-
-    kind = "feed"
-
-    def __init__(
-        self,
-        pipeline: FeedPipeline,
-        *,
-        poll_interval_s: float,
-        poll_jitter_ratio: float = 0.0,
-        page_size: int = 0,
-        backoff: Backoff | None = None,
-        rng: random.Random | None = None,
-    ) -> None:
-        super().__init__(
-            pipeline.name,
-            pipeline.metrics,
-            backoff or Backoff(1.0, min(300.0, max(1.0, poll_interval_s))),
-        )
-        self.pipeline = pipeline
-        self.poll_interval_s = poll_interval_s
-        self.poll_jitter_ratio = poll_jitter_ratio
-        self.page_size = page_size
-        self._rng = rng or random.Random()
-
-    def close(self) -> None:
-        self.pipeline.close()
-
-    def _position(self) -> str:
-        # No I/O here: this runs while Kafka (maybe holding the cursor) is failing.
-        cursor = self.pipeline.last_cursor
-        return "cursor not read yet" if cursor is None else f"cursor stays at {cursor}"
-
-    def _poll(self, *, once: bool) -> float | None:
-        result = self.pipeline.poll()
-        log.info(
-            "feed %s: %d rows in %.1f s: %d published, %d dead letters, %d skipped, "
-            "%d duplicates%s; cursor %d -> %d",
-            self.name,
-            result.rows,
-            result.seconds,
-            result.published,
-            result.dead_lettered,
-            result.skipped,
-            result.duplicates,
-            f", {result.covered} published by SFTP" if result.covered else "",
-            result.cursor_before,
-            result.cursor_after,
-        )
-        # A full page that moved the cursor: the provider has more, fetch it now. (One
-        # that did not move it would be fetched again as it is: wait the interval.)
-        if (
-            self.page_size
-            and result.rows >= self.page_size
-            and result.cursor_after > result.cursor_before
-        ):
-            return 0.0
-        if once:
-            return None
-        return self.poll_interval_s * (1 + self._rng.uniform(0, self.poll_jitter_ratio))
-
-
-def run_together(
-    runners: Sequence[Runner],
-    stop: threading.Event,
-    *,
-    once: bool = False,
-    max_failures: int = 5,
-) -> None:
-    """Run several sources in this thread, each on its own schedule, one poll at a time.
-
-    For a feed and its paired SFTP source: one poll never overlaps the other's, so
-    each reads the other's committed progress, never a half-done one.
-    """
-    due = [0.0] * len(runners)
-    active = list(range(len(runners)))
-    while active and not stop.is_set():
-        index = min(active, key=lambda i: due[i])
-        wait = due[index] - time.monotonic()
-        if wait > 0:
-            stop.wait(wait)
-            continue
-        delay = runners[index].step(once=once, max_failures=max_failures)
-        if delay is None:
-            active.remove(index)
-        else:
-            due[index] = time.monotonic() + delay

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -25,7 +26,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.cimpl import NewTopic
 
-from streamer.errors import DeliveryError, FencedError, TopicError
+from streamer.errors import DeliveryError, FencedError, MessagesRejectedError, TopicError
 
 log = logging.getLogger(__name__)
 _librdkafka_log = logging.getLogger("librdkafka")
@@ -51,9 +52,60 @@ DEFAULT_PRODUCER_CONFIG: dict[str, str] = {
 }
 # Delivery reports of messages an abort purged: expected, not a failure of the next batch.
 _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+# Errors about a message itself, not about Kafka: the broker would refuse it every
+# time. Such a message goes to the dead-letter topic (sink.py) and the rest goes on.
+MESSAGE_ERRORS = frozenset(
+    {
+        KafkaError.INVALID_TIMESTAMP,
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_MSG,
+    }
+)
+# Refused messages kept for isolation per flush; past this, the batch fails as a whole.
+MAX_REJECTED_KEPT = 100_000
 _FENCED_CODES = frozenset(
     {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 )
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedMessage:
+    """A message Kafka refused for what it is, with all it takes to produce it again."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, str | bytes | None]]
+    timestamp_ms: int
+    reason: str  # the broker's word for it
+
+    @property
+    def cdr_id(self) -> int | None:
+        """The event's `cdr_id` header; None for a dead letter or a cursor record."""
+        for name, value in self.headers:
+            if name == "cdr_id" and value is not None:
+                return int(value)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class TimestampLimits:
+    """How far from now the event topic accepts a message timestamp.
+
+    Kafka checks `message.timestamp.before.max.ms` and `message.timestamp.after.max.ms`
+    (Kafka 4 defaults: unlimited and 1 h) against its own clock unless the topic uses
+    LogAppendTime. A valid CDR outside them (provider clock skew, local time written as
+    UTC, a CDR dated before 1970, which Kafka Streams refuses) is still published, with
+    the produce time as its message timestamp and a `timestamp_replaced` header.
+    """
+
+    before_max_ms: int | None = None  # None: no limit
+    after_max_ms: int | None = 3_600_000
+    log_append_time: bool = False
 
 
 def producer_config(
@@ -92,6 +144,8 @@ class Publisher:
         self.delivered = 0
         self.failed = 0
         self._first_error: KafkaError | None = None
+        self._rejected: list[RejectedMessage] = []
+        self._other_failures = 0  # failures that are not about the message itself
         self._fatal: KafkaError | None = None
         self._aborted_badly = False
         self.in_transaction = False
@@ -113,7 +167,7 @@ class Publisher:
         else:
             log.debug("Kafka: %s", err.str())
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             self.delivered += 1
             return
@@ -122,7 +176,48 @@ class Publisher:
         self.failed += 1
         if self._first_error is None:
             self._first_error = err
+        if err.code() in MESSAGE_ERRORS and len(self._rejected) < MAX_REJECTED_KEPT:
+            ts_type, ts = msg.timestamp()
+            raw_headers: Any = msg.headers() or []  # list of (name, bytes) pairs at run time
+            headers: list[tuple[str, str | bytes | None]] = [(str(k), v) for k, v in raw_headers]
+            self._rejected.append(
+                RejectedMessage(
+                    msg.topic() or "", msg.key(), msg.value() or b"", headers,
+                    ts if ts_type else 0, err.str(),
+                )
+            )
+        else:
+            self._other_failures += 1
 
+    def _take_rejected(self) -> list[RejectedMessage] | None:
+        """The refused messages since the last flush, if every failure was about a message."""
+        rejected, other = self._rejected, self._other_failures
+        self._rejected, self._other_failures = [], 0
+        return rejected if rejected and not other else None
+
+    def _refused_in_transaction(self) -> list[RejectedMessage] | None:
+        """A transaction that failed mid-batch because Kafka refused messages: which ones.
+
+        produce() then fails with librdkafka's "erroneous state" before any flush; the
+        refused messages' reports are served here, and the transaction is aborted.
+        """
+        if not self.in_transaction:
+            return None
+        deadline = time.monotonic() + 1.0
+        while not self._rejected and time.monotonic() < deadline:
+            self.poll(0.05)  # serves the delivery reports of the failed request
+        rejected = self._take_rejected()
+        if rejected is not None:
+            self.abort()
+        return rejected
+
+    def _rejected_error(self, action: str, rejected: list[RejectedMessage]) -> Exception:
+        reasons = sorted({r.reason for r in rejected})
+        return MessagesRejectedError(
+            f"Kafka refused {len(rejected)} messages while trying to {action} "
+            f"({'; '.join(reasons)[:300]})",
+            rejected=rejected,
+        )
     def _error(self, action: str, err: KafkaError) -> Exception:
         """Our error for a librdkafka error."""
         if err.code() == KafkaError._FATAL and self._fatal is None:
@@ -192,6 +287,9 @@ class Publisher:
                 self._serve(0.1)
                 self._check_fatal()
             except KafkaException as exc:
+                refused = self._refused_in_transaction()
+                if refused is not None:
+                    raise self._rejected_error(f"produce to {topic}", refused) from exc
                 raise self._error(f"produce to {topic}", exc.args[0]) from exc
         self._serve(0)
 
@@ -222,7 +320,10 @@ class Publisher:
                 raise self._error("confirm delivery", exc.args[0]) from exc
         self._check_fatal()
         error, self._first_error = self._first_error, None
+        rejected = self._take_rejected()
         if error is not None:
+            if rejected is not None and not remaining:
+                raise self._rejected_error("confirm delivery", rejected)
             raise self._error("confirm delivery", error)
         if remaining:
             raise DeliveryError(
@@ -250,15 +351,56 @@ class Publisher:
                         f"Kafka did not finish committing the transaction in {timeout_s:g} s",
                         needs_new_producer=True,
                     ) from exc
+                rejected = self._take_rejected()
                 if err.txn_requires_abort():
                     self.abort(timeout_s)
                 else:
                     self.in_transaction = False
+                if rejected is not None and self.usable:
+                    raise self._rejected_error("commit the transaction", rejected) from exc
                 raise self._error("commit the transaction", err) from exc
         self.in_transaction = False
         error, self._first_error = self._first_error, None
         if error is not None:  # cannot happen after a successful commit; kept as a guard
             raise self._error("confirm delivery", error)
+
+    def probe(self, messages: list[RejectedMessage], timeout_s: float) -> list[RejectedMessage]:
+        """Produce `messages` again; the ones Kafka refuses again (about themselves).
+
+        With a transactional id, inside a transaction that is then aborted: nothing
+        becomes visible to read_committed consumers. Without, the accepted ones are
+        delivered for good. A failure that is not about the messages raises.
+        """
+        if self.transactional_id:
+            self._call("begin a transaction", self._producer.begin_transaction)
+            self.in_transaction = True
+        for m in messages:
+            while True:
+                try:
+                    self._producer.produce(
+                        m.topic, m.value, m.key, on_delivery=self._on_delivery,
+                        timestamp=m.timestamp_ms, headers=m.headers,
+                    )  # fmt: skip
+                    break
+                except BufferError:
+                    self._serve(0.1)
+        try:
+            remaining = self._producer.flush(timeout_s)
+        except KafkaException as exc:
+            raise self._error("confirm delivery", exc.args[0]) from exc
+        rejected, other = self._rejected, self._other_failures
+        self._rejected, self._other_failures, self._first_error = [], 0, None
+        self.abort(timeout_s)
+        if other or remaining:
+            raise DeliveryError(
+                f"Kafka failed ({other} errors, {remaining} unconfirmed) while finding the "
+                "messages it refuses; trying again"
+            )
+        # Kafka's reports carry neither headers nor timestamp: hand back the messages given.
+        given = {m.value: m for m in messages}
+        return [
+            replace(given[r.value], reason=r.reason) if r.value in given else r for r in rejected
+        ]
 
     def abort(self, timeout_s: float = 30.0) -> None:
         """Abort the open transaction (if any); its messages stay invisible to read_committed."""
@@ -275,6 +417,7 @@ class Publisher:
             self._aborted_badly = True
         # Cleared after the abort: it hands back the purged messages' delivery reports.
         self._first_error = None
+        self._rejected, self._other_failures = [], 0
 
     @property
     def in_flight(self) -> int:
@@ -381,3 +524,26 @@ def _warn_about_time(name: str, configs: Mapping[str, Any]) -> None:
             "event's timestamp (the call's UTCDateTime) with the time it was appended",
             name,
         )
+
+
+def timestamp_limits(admin: AdminClient, topic: str, timeout_s: float = 30.0) -> TimestampLimits:
+    """The event topic's `message.timestamp.*` settings, as the sink checks them."""
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    try:
+        configs = admin.describe_configs([resource], request_timeout=timeout_s)[resource].result()
+    except KafkaException as exc:
+        raise TopicError(f"cannot read the settings of topic {topic}: {exc.args[0].str()}") from exc
+
+    def limit(name: str, default: int | None) -> int | None:
+        entry = configs.get(name)
+        if entry is None or entry.value is None:
+            return default
+        value = int(entry.value)
+        return None if value >= 2**62 else value  # Long.MAX_VALUE: no limit
+
+    kind = configs["message.timestamp.type"].value if "message.timestamp.type" in configs else ""
+    return TimestampLimits(
+        before_max_ms=limit("message.timestamp.before.max.ms", None),
+        after_max_ms=limit("message.timestamp.after.max.ms", 3_600_000),
+        log_append_time=kind == "LogAppendTime",
+    )

@@ -60,6 +60,7 @@ REASONS: tuple[str, ...] = (
     "bad_decimal",  # Charge, ChargeExcl or FreeUnitsUsed not an exact decimal
     "row_too_long",  # longer than MAX_ROW_CHARS: no CDR is, and Kafka would refuse it
     "bad_file",  # an SFTP file that is not a feed file at all (one dead letter for the file)
+    "kafka_rejected",  # a valid CDR whose event Kafka refuses (policy, record, size)
 )
 
 # A CDR row is a few hundred characters. Far longer ones are rejected before they can

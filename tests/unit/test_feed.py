@@ -20,8 +20,9 @@ from streamer.errors import (
     FeedUnavailableError,
     StreamerError,
 )
-from streamer.feed import Backoff, FeedClient, FeedQuery, retry_after_s
 from streamer.records import FIELDS, Row
+from streamer.retry import Backoff, retry_after_s
+from streamer.sources.feed import FeedClient, FeedQuery
 
 PASSWORD = "Monkey123-secret"
 HEADER = ",".join(FIELDS) + "\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamer.pipeline import IdRanges
+from streamer.cursor import IdRanges
 
 
 @given(st.lists(st.integers(min_value=1, max_value=200), max_size=300))

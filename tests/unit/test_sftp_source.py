@@ -13,16 +13,17 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from streamer.config import Secret, parse_after, parse_settings
-from streamer.cursor import JsonFileCursorStore
+from streamer.cursor import IdRanges, JsonFileCursorStore
 from streamer.deadletter import encode_dead_letter
 from streamer.errors import ConfigError, FatalError, RetriableError
-from streamer.feed import Backoff
 from streamer.formats import parse_rows
 from streamer.metrics import FeedMetrics, Metrics
-from streamer.pipeline import IdRanges, Runner, run_together
 from streamer.records import Rejection
-from streamer.sftp import RemoteFile, SettleTracker, SftpCursor, format_of
+from streamer.retry import Backoff
+from streamer.scheduler import Runner, run_together
 from streamer.simulator import SimulatorConfig, file_name, write_files
+from streamer.sources.base import RemoteFile
+from streamer.sources.files import FileCursor, SettleTracker, format_of
 
 # --- settling --------------------------------------------------------------------------------
 
@@ -79,15 +80,15 @@ def test_settle_zero_takes_a_file_at_first_sight_and_gone_files_are_forgotten() 
 
 def test_sftp_cursor_round_trips_through_its_store(tmp_path: Path) -> None:
     store = JsonFileCursorStore(tmp_path / "c.json", "sftp:files")
-    assert SftpCursor.from_json(store.load(), "here") == SftpCursor()
-    cursor = SftpCursor(
+    assert FileCursor.from_json(store.load(), "here") == FileCursor()
+    cursor = FileCursor(
         files={"b.csv": "quarantined", "a.csv": "done"},
         current="c.csv",
         rows=1200,
         covered=IdRanges.of([[10, 20], [30, 30]]),
     )
     store.commit(cursor.to_json())
-    again = SftpCursor.from_json(store.load(), "here")
+    again = FileCursor.from_json(store.load(), "here")
     assert again == cursor
     assert list(again.covered) == [(10, 20), (30, 30)]
     assert json.loads((tmp_path / "c.json").read_text())["owner"] == "sftp:files"
@@ -117,7 +118,7 @@ def test_cursor_store_refuses_another_owners_file(tmp_path: Path) -> None:
 )
 def test_unreadable_sftp_cursor_is_a_config_error(data: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="unreadable SFTP cursor"):
-        SftpCursor.from_json(data, "the cursor file")
+        FileCursor.from_json(data, "the cursor file")
 
 
 @given(

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from streamer.errors import ConfigError
-from streamer.simulator import CADENCES, FORMATS, SimulatorConfig, serve, write_files
+from streamer.simulator.config import FORMATS, SimulatorConfig
+from streamer.simulator.files import CADENCES, COMPRESSIONS, write_files
+from streamer.simulator.http import serve
 
 PASSWORD_ENV = "CDR_SIMULATOR_PASSWORD"  # noqa: S105 - the variable's name
 _NOT_FLAGS = {"password", "start"}
@@ -128,13 +130,14 @@ _FILE_FLAGS = frozenset(
 
 
 def add_simulate_files_parser(sub: Any) -> None:
-    """Register the `simulate-files` subcommand: the provider's SFTP files, into a folder."""
+    """Register the `simulate-files` subcommand: the provider's SFTP/FTP files, into a folder."""
     parser: argparse.ArgumentParser = sub.add_parser(
         "simulate-files",
-        help="write the CDR files the provider would deliver by SFTP into a folder",
-        description="Write the files of the provider's SFTP delivery: the same CDRs as "
-        "`simulate` serves for the same seed, one file per period (UTC) named "
-        "cdr_YYYYMMDD_HHMM.<format>, each written to a temporary name and renamed.",
+        help="write the CDR files the provider would deliver by SFTP or FTP into a folder",
+        description="Write the files of the provider's SFTP or FTP delivery into a folder "
+        "(the one an SFTP or FTP server serves): the same CDRs as `simulate` serves for the "
+        "same seed, one file per period (UTC) named cdr_YYYYMMDD_HHMM.<format>[.gz|.zip], "
+        "each written to a temporary name and renamed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("directory", type=Path, metavar="DIR", help="where to write the files")
@@ -150,6 +153,12 @@ def add_simulate_files_parser(sub: Any) -> None:
         metavar="N",
         help="write CDRs 1..N (default: --backlog)",
     )
+    parser.add_argument(
+        "--compress",
+        choices=COMPRESSIONS,
+        default="none",
+        help="gz: gzip each file (.csv.gz); zip: each file alone in a zip (.csv.zip)",
+    )
     _add_config_flags(parser, lambda name: name in _FILE_FLAGS)
 
 
@@ -161,7 +170,12 @@ def run_simulate_files(args: argparse.Namespace) -> int:
     # The password is the web feed's; files need none.
     config = SimulatorConfig(password="-", **values)  # noqa: S106
     paths = write_files(
-        config, args.directory, cadence=args.cadence, fmt=args.files_format, upto_id=args.upto_id
+        config,
+        args.directory,
+        cadence=args.cadence,
+        fmt=args.files_format,
+        upto_id=args.upto_id,
+        compress=args.compress,
     )
     last = config.backlog if args.upto_id is None else args.upto_id
     print(f"wrote {len(paths)} {args.cadence} files of CDRs 1..{last} to {args.directory}")

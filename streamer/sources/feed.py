@@ -19,7 +19,6 @@ query string (that is the provider's API), so httpx's own log lines are redacted
 from __future__ import annotations
 
 import logging
-import random
 import re
 import threading
 import time
@@ -27,7 +26,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
-from email.utils import parsedate_to_datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -43,6 +41,7 @@ from streamer.errors import (
 )
 from streamer.formats import FORMATS, parse_rows
 from streamer.records import FIELDS, Rejection, Row
+from streamer.retry import Backoff, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -106,42 +105,6 @@ class FeedQuery:
         return out
 
 
-RETRY_AFTER_MAX_S = 3600.0
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter (sleep a random time in [0, cap))."""
-
-    def __init__(self, base_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        self.base_s = base_s
-        self.max_s = max_s
-        self._rng = rng or random.Random()
-        self.attempt = 0
-
-    def next_delay(self, at_least_s: float = 0.0) -> float:
-        cap = min(self.max_s, self.base_s * (2 ** min(self.attempt, 62)))
-        self.attempt += 1
-        # A server's Retry-After is honoured, up to an hour: a far-future date must not
-        # park the feed for days (or overflow the wait).
-        return max(min(at_least_s, RETRY_AFTER_MAX_S), self._rng.uniform(0, cap))
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-def retry_after_s(value: str | None) -> float | None:
-    """Retry-After as seconds: either a number of seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():  # isdigit alone accepts "²"
-        return float(value)
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
 @dataclass(frozen=True, slots=True)
 class FeedTimeouts:
     connect_s: float = 10.0
@@ -166,7 +129,9 @@ class FeedClient:
         stop: threading.Event | None = None,
         on_request: Callable[[str, float, int], None] | None = None,
         transport: httpx.BaseTransport | None = None,
+        name: str = "",
     ) -> None:
+        self.name = name or (urlsplit(url).path or "/")  # the feed's name, for log lines
         self.url = url
         self.login = login
         self._password = password
@@ -192,16 +157,20 @@ class FeedClient:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, fromid: int) -> httpx.Request:
+    def _request(self, fromid: int, query: FeedQuery | None = None) -> httpx.Request:
         params = {"login": self.login, "password": self._password.reveal(), "fromid": str(fromid)}
-        params.update(self.query.params())
+        params.update((query or self.query).params())
         if self.method == "POST":
             return self._http.build_request("POST", self.url, data=params)
         return self._http.build_request("GET", self.url, params=params)
 
     @contextmanager
-    def fetch(self, fromid: int) -> Iterator[Iterator[Row | Rejection]]:
+    def fetch(
+        self, fromid: int, window: FeedQuery | None = None
+    ) -> Iterator[Iterator[Row | Rejection]]:
         """Open one page from `fromid` (exclusive), retrying what can be retried; yields its rows.
+
+        `window`: this request's query instead of the feed's own (a date or hour window).
 
         Rows are parsed as the body arrives. An error mid-body raises from the row
         iterator, after the rows before it: the caller decides what they mean.
@@ -212,7 +181,7 @@ class FeedClient:
             attempt += 1
             started = time.monotonic()
             try:
-                response = self._open(fromid)
+                response = self._open(fromid, window)
             except FeedUnavailableError as exc:
                 self._on_request(_outcome_of(exc), time.monotonic() - started, 0)
                 if attempt >= self.max_attempts or self._stop.is_set():
@@ -220,7 +189,7 @@ class FeedClient:
                 delay = self.backoff.next_delay(exc.retry_after_s or 0.0)
                 log.warning(
                     "feed %s: %s; retry %d/%d in %.1f s",
-                    self._where,
+                    self.name,
                     exc,
                     attempt,
                     self.max_attempts - 1,
@@ -244,8 +213,8 @@ class FeedClient:
             response.close()
             self._on_request(outcome, time.monotonic() - started, counter.n)
 
-    def _open(self, fromid: int) -> httpx.Response:
-        request = self._request(fromid)
+    def _open(self, fromid: int, window: FeedQuery | None = None) -> httpx.Response:
+        request = self._request(fromid, window)
         try:
             response = self._http.send(request, stream=True)
         except httpx.TimeoutException as exc:

@@ -1,0 +1,242 @@
+"""When each source polls: retries with backoff, fatal errors stop it, and sources that take turns.
+
+A `Runner` polls one source until stopped; `run_together` runs several in one thread
+(a feed and its paired SFTP source), one poll at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from streamer.errors import FatalError, RetriableError, StreamerError
+from streamer.metrics import FeedMetrics
+from streamer.pipeline import FeedPipeline
+from streamer.retry import Backoff
+from streamer.sources.files import FileCollector
+
+log = logging.getLogger(__name__)
+
+
+class Runner(ABC):
+    """Polls one source until stopped: retriable errors back off, fatal ones stop it."""
+
+    kind = "source"  # the first word of its log lines: "feed", "sftp"
+
+    def __init__(self, name: str, metrics: FeedMetrics, backoff: Backoff) -> None:
+        self.name = name
+        self.metrics = metrics
+        self.backoff = backoff
+        self.error: Exception | None = None
+        self._failures = 0
+
+    @abstractmethod
+    def _poll(self, *, once: bool) -> float | None:
+        """Poll once and log it; the seconds until the next poll, or None when done (once)."""
+
+    @abstractmethod
+    def _position(self) -> str:
+        """Where the source's committed cursor stands, for the log of a failed poll."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the source's connections and producer."""
+
+    def step(self, *, once: bool = False, max_failures: int = 5) -> float | None:
+        """One poll with its error handling: the seconds to wait, or None once this runner ends.
+
+        With `once`, `max_failures` retriable errors in a row end the run (recorded in `error`).
+        """
+        label = f"{self.kind} {self.name}"
+        try:
+            delay = self._poll(once=once)
+        except FatalError as exc:
+            log.error("%s stopped: %s", label, exc)
+            self.metrics.poll_error(type(exc).__name__)
+            self.metrics.feed_up.set(0)
+            self.error = exc
+            return None
+        except RetriableError as exc:
+            self.metrics.poll_error(type(exc).__name__)
+            self._failures += 1
+            if once and self._failures >= max_failures:
+                log.error("%s: giving up after %d failures: %s", label, self._failures, exc)
+                self.error = exc
+                return None
+            delay = self.backoff.next_delay(getattr(exc, "retry_after_s", None) or 0.0)
+            try:
+                position = self._position()
+            except StreamerError as error:  # e.g. Kafka down: the cursor cannot be read now
+                position = f"cursor unknown ({error})"
+            log.warning("%s: %s; %s, next try in %.1f s", label, exc, position, delay)
+            return delay
+        except Exception as exc:
+            # A bug or an unforeseen error: this source stops, loudly, and the process
+            # reports it in its exit code, instead of a thread dying unnoticed.
+            log.exception("%s stopped on an unexpected error: %s", label, exc)
+            self.metrics.poll_error(type(exc).__name__)
+            self.metrics.feed_up.set(0)
+            self.error = exc
+            return None
+        self.backoff.reset()
+        self._failures = 0
+        return delay
+
+    def run(self, stop: threading.Event, *, once: bool = False, max_failures: int = 5) -> None:
+        """Poll until `stop` is set; with `once`, until the source has nothing more."""
+        while not stop.is_set():
+            delay = self.step(once=once, max_failures=max_failures)
+            if delay is None:
+                return
+            if delay > 0:
+                stop.wait(delay)
+
+
+class FeedRunner(Runner):
+    """Polls one feed until stopped: retriable errors back off, fatal ones stop it."""
+
+    kind = "feed"
+
+    def __init__(
+        self,
+        pipeline: FeedPipeline,
+        *,
+        poll_interval_s: float,
+        poll_jitter_ratio: float = 0.0,
+        page_size: int = 0,
+        backoff: Backoff | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(
+            pipeline.name,
+            pipeline.metrics,
+            backoff or Backoff(1.0, min(300.0, max(1.0, poll_interval_s))),
+        )
+        self.pipeline = pipeline
+        self.poll_interval_s = poll_interval_s
+        self.poll_jitter_ratio = poll_jitter_ratio
+        self.page_size = page_size
+        self._rng = rng or random.Random()
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+    def _position(self) -> str:
+        # No I/O here: this runs while Kafka (maybe holding the cursor) is failing.
+        cursor = self.pipeline.last_cursor
+        return "cursor not read yet" if cursor is None else f"cursor stays at {cursor}"
+
+    def _poll(self, *, once: bool) -> float | None:
+        result = self.pipeline.poll()
+        log.info(
+            "feed %s: %d rows in %.1f s: %d published, %d dead letters, %d skipped, "
+            "%d duplicates%s; cursor %d -> %d",
+            self.name,
+            result.rows,
+            result.seconds,
+            result.published,
+            result.dead_lettered,
+            result.skipped,
+            result.duplicates,
+            f", {result.covered} published by its file source" if result.covered else "",
+            result.cursor_before,
+            result.cursor_after,
+        )
+        if result.more:  # a catch-up by date windows: the next window now
+            return 0.0
+        # A full page that moved the cursor: the provider has more, fetch it now. (One
+        # that did not move it would be fetched again as it is: wait the interval.)
+        if (
+            self.page_size
+            and result.rows >= self.page_size
+            and result.cursor_after > result.cursor_before
+        ):
+            return 0.0
+        if once:
+            return None
+        return self.poll_interval_s * (1 + self._rng.uniform(0, self.poll_jitter_ratio))
+
+
+class SftpRunner(Runner):
+    """Polls one SFTP source until stopped: retriable errors back off, fatal ones stop it.
+
+    With `once`, it polls until no file is left waiting to settle.
+    """
+
+    kind = "sftp"  # or the collector's protocol (ftp, ftps)
+
+    def __init__(
+        self,
+        collector: FileCollector,
+        *,
+        poll_interval_s: float,
+        backoff: Backoff | None = None,
+    ) -> None:
+        super().__init__(
+            collector.name,
+            collector.metrics,
+            backoff or Backoff(1.0, min(300.0, max(1.0, poll_interval_s))),
+        )
+        self.collector = collector
+        self.kind = collector.kind  # sftp, ftp or ftps
+        self.poll_interval_s = poll_interval_s
+
+    def close(self) -> None:
+        self.collector.close()
+
+    def _position(self) -> str:
+        cursor = self.collector.loaded_cursor
+        if cursor is None:  # reading it failed: do not wait on the store again just to log
+            return "cursor not read yet"
+        done = sum(1 for s in cursor.files.values() if s == "done")
+        where = f", {cursor.current} confirmed to row {cursor.rows}" if cursor.current else ""
+        return f"cursor stays at {done} files done{where}"
+
+    def _poll(self, *, once: bool) -> float | None:
+        result = self.collector.poll()
+        level = logging.INFO if result.files_done or result.files_quarantined else logging.DEBUG
+        log.log(
+            level,
+            "sftp %s: %d files listed, %d done, %d quarantined, %d waiting to settle; "
+            "%d rows in %.1f s: %d published, %d dead letters, %d covered by the feed",
+            self.name, result.listed, result.files_done, result.files_quarantined,
+            result.waiting, result.rows, result.seconds, result.published,
+            result.dead_lettered, result.covered,
+        )  # fmt: skip
+        if result.waiting:
+            # Look again when the waiting files may have settled.
+            return max(0.1, min(self.poll_interval_s, self.collector.tracker.settle_s))
+        if once:
+            return None
+        return self.poll_interval_s
+
+
+def run_together(
+    runners: Sequence[Runner],
+    stop: threading.Event,
+    *,
+    once: bool = False,
+    max_failures: int = 5,
+) -> None:
+    """Run several sources in this thread, each on its own schedule, one poll at a time.
+
+    For a feed and its paired SFTP source: one poll never overlaps the other's, so
+    each reads the other's committed progress, never a half-done one.
+    """
+    due = [0.0] * len(runners)
+    active = list(range(len(runners)))
+    while active and not stop.is_set():
+        index = min(active, key=lambda i: due[i])
+        wait = due[index] - time.monotonic()
+        if wait > 0:
+            stop.wait(wait)
+            continue
+        delay = runners[index].step(once=once, max_failures=max_failures)
+        if delay is None:
+            active.remove(index)
+        else:
+            due[index] = time.monotonic() + delay

@@ -1,0 +1,271 @@
+"""The drive loop and the sink, in process: a fake publisher stands in for Kafka.
+
+The real-broker tests (tests/integration/test_deterministic_faults.py and others) show
+the same guarantees end to end; these pin down the ordering rules themselves, fast.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streamer.cursor import FeedCursor, MemoryCursorStore
+from streamer.errors import EventsRejectedError, MessagesRejectedError
+from streamer.metrics import Metrics
+from streamer.pipeline import Drive, FeedPosition
+from streamer.publisher import RejectedMessage
+from streamer.records import FIELDS, Rejection, Row
+from streamer.simulator import CdrGenerator
+from streamer.sink import EventSink, PublisherSlot
+
+GENERATOR = CdrGenerator(7, odd_rows={5: "before_1970"})
+
+
+@dataclass
+class Message:
+    topic: str
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int
+    headers: list[tuple[str, Any]]
+
+
+@dataclass
+class FakePublisher:
+    """Kafka as the sink sees it: queues, a flush that confirms, and refusals on demand.
+
+    `refuse(value)` decides which event values the fake broker refuses; as Kafka does,
+    a refused message fails every other message of its flush too.
+    """
+
+    transactional_id: str | None = None
+    refuse_ids: set[int] = field(default_factory=set)
+    queued: list[Message] = field(default_factory=list)
+    delivered: list[Message] = field(default_factory=list)
+    flushes: int = 0
+    in_transaction: bool = False
+    usable: bool = True
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.queued)
+
+    def _refused(self, m: Message) -> bool:
+        ids = [int(v) for k, v in m.headers if k == "cdr_id"]
+        return bool(ids) and ids[0] in self.refuse_ids
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        *,
+        timestamp_ms: int = 0,
+        headers: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.in_transaction = bool(self.transactional_id)
+        self.queued.append(Message(topic, key, value, timestamp_ms, list(headers or [])))
+
+    def flush(self, timeout_s: float) -> None:
+        self.flushes += 1
+        batch, self.queued = self.queued, []
+        if any(self._refused(m) for m in batch):
+            self.in_transaction = False  # the transaction is aborted
+            reports = [RejectedMessage(m.topic, m.key, m.value, [], 0, "Broker: Invalid record")
+                       for m in batch]  # fmt: skip
+            raise MessagesRejectedError("refused", rejected=reports)
+        self.delivered += batch
+        self.in_transaction = False
+
+    def probe(self, messages: list[RejectedMessage], timeout_s: float) -> list[RejectedMessage]:
+        batch = [Message(m.topic, m.key, m.value, m.timestamp_ms, m.headers) for m in messages]
+        if any(self._refused(b) for b in batch):
+            return list(messages)  # as Kafka: one refused record fails its whole request
+        if not self.transactional_id:
+            self.delivered += batch  # at least once, a probe that passes is a delivery
+        return []
+
+    def abort(self, timeout_s: float = 30.0) -> None:
+        self.queued.clear()
+        self.in_transaction = False
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        pass
+
+
+class Encoder:
+    def encode(self, record: Any) -> bytes:
+        return json.dumps({"ID": record.id, "account": record.account_code}).encode()
+
+
+def rows(ids: list[int]) -> Iterator[Row]:
+    for i in ids:
+        values = GENERATOR.wire_row(i)
+        yield Row(dict(zip(FIELDS, values.values(), strict=True)), ",".join(values.values()))
+
+
+def make_sink(publisher: FakePublisher, encoder: Any = None) -> EventSink:
+    metrics = Metrics(CollectorRegistry()).for_feed("main")
+    return EventSink(
+        name="main", source="feed", slot=PublisherSlot(lambda: publisher, lambda: publisher),
+        encoder=encoder or Encoder(), topic="events", dead_letter_topic="dead", metrics=metrics,
+        flush_timeout_s=1.0,
+    )  # fmt: skip
+
+
+def drive_once(
+    publisher: FakePublisher,
+    store: MemoryCursorStore,
+    source: Iterator[Row | Rejection],
+    *,
+    sink: EventSink | None = None,
+    ascending: bool = False,
+    every: int = 1000,
+) -> Drive:
+    start = store.load_state()
+    position = FeedPosition(
+        "main", start, store, exactly_once=False, ascending=ascending, covered=None
+    )
+    drive = Drive(sink or make_sink(publisher), publisher, position, checkpoint_every=every)  # type: ignore[arg-type]
+    drive.run(source)
+    return drive
+
+
+def delivered_ids(publisher: FakePublisher, topic: str = "events") -> list[int]:
+    return [json.loads(m.value)["ID"] for m in publisher.delivered if m.topic == topic]
+
+
+def test_a_whole_response_commits_its_highest_id_after_the_flush() -> None:
+    publisher, store = FakePublisher(), MemoryCursorStore(0)
+    drive = drive_once(publisher, store, rows([3, 1, 2, 5, 4]))
+    assert store.load() == 0  # nothing committed before the checkpoint
+    drive.checkpoint()
+    assert store.load() == 5
+    assert sorted(delivered_ids(publisher)) == [1, 2, 3, 4, 5]
+
+
+def test_mid_response_checkpoints_only_while_ids_ascend() -> None:
+    publisher, store = FakePublisher(), MemoryCursorStore(0)
+    commits: list[int] = []
+    original = store.commit_state
+
+    def recording(state: FeedCursor) -> None:
+        commits.append(state.cursor)
+        original(state)
+
+    store.commit_state = recording  # type: ignore[method-assign]
+    drive = drive_once(publisher, store, rows([1, 2, 3, 4, 6, 5, 7, 8]), ascending=True, every=2)
+    drive.checkpoint()
+    # Checkpoints at 2 and 4; after 5 came below 6, none until the response ended.
+    assert commits == [2, 4, 8]
+
+
+def test_a_broken_response_keeps_its_rows_and_a_retry_skips_them() -> None:
+    publisher, store = FakePublisher(), MemoryCursorStore(0)
+
+    def cut_after(ids: list[int]) -> Iterator[Row]:
+        yield from rows(ids)
+        raise ConnectionError("cut")
+
+    position = FeedPosition(
+        "main", store.load_state(), store, exactly_once=False, ascending=False, covered=None
+    )
+    drive = Drive(make_sink(publisher), publisher, position, checkpoint_every=1000)  # type: ignore[arg-type]
+    with pytest.raises(ConnectionError):
+        drive.run(cut_after([2, 1, 4, 7, 6]))
+    drive.checkpoint(broken=True)
+    state = store.load_state()
+    assert state.cursor == 2  # 1 and 2 handled without a gap; 3 may still come
+    assert state.confirmed == ((4, 4), (6, 7))
+    again = drive_once(publisher, store, rows([1, 2, 3, 4, 5, 6, 7, 8]))
+    again.checkpoint()
+    assert sorted(delivered_ids(publisher)) == [1, 2, 3, 4, 5, 6, 7, 8]  # each once
+    assert again.tally.skipped["confirmed_before"] == 3
+    assert store.load_state() == FeedCursor(8)
+
+
+def test_a_row_without_an_id_is_dead_lettered_once_across_polls() -> None:
+    publisher, store = FakePublisher(), MemoryCursorStore(0)
+    odd = Rejection("bad_id", "ID is empty", "junk,row", None)
+    for _ in range(3):
+        drive = drive_once(publisher, store, iter([*rows([1, 2]), odd]))
+        drive.checkpoint()
+    assert len([m for m in publisher.delivered if m.topic == "dead"]) == 1
+    assert store.load() == 2
+
+
+def test_at_least_once_a_refused_event_is_dead_lettered_and_the_rest_delivered() -> None:
+    publisher, store = FakePublisher(refuse_ids={3}), MemoryCursorStore(0)
+    drive = drive_once(publisher, store, rows([1, 2, 3, 4]))
+    drive.checkpoint()
+    assert sorted(delivered_ids(publisher)) == [1, 2, 4]
+    dead = [json.loads(m.value) for m in publisher.delivered if m.topic == "dead"]
+    assert [(d["id"], d["reason"]) for d in dead] == [(3, "kafka_rejected")]
+    assert dead[0]["raw"].startswith("3,")
+    assert store.load() == 4
+
+
+def test_exactly_once_a_refused_event_aborts_and_the_replay_dead_letters_it() -> None:
+    publisher = FakePublisher(transactional_id="t", refuse_ids={3})
+    store = MemoryCursorStore(0)
+    sink = make_sink(publisher)
+    drive = drive_once(publisher, store, rows([1, 2, 3, 4]), sink=sink)
+    with pytest.raises(EventsRejectedError):
+        drive.checkpoint()
+    assert publisher.delivered == []  # nothing of the aborted transaction is visible
+    assert store.load() == 0
+    assert set(sink.refused) == {3}
+    replay = drive_once(publisher, store, rows([1, 2, 3, 4]), sink=sink)
+    replay.checkpoint()
+    assert sorted(delivered_ids(publisher)) == [1, 2, 4]
+    assert [json.loads(m.value)["id"] for m in publisher.delivered if m.topic == "dead"] == [3]
+    assert store.load() == 4
+
+
+def test_a_call_before_1970_gets_the_produce_time_and_a_header() -> None:
+    publisher, store = FakePublisher(), MemoryCursorStore(0)
+    drive = drive_once(publisher, store, rows([4, 5, 6]))
+    drive.checkpoint()
+    by_id = {json.loads(m.value)["ID"]: m for m in publisher.delivered}
+    assert by_id[5].timestamp_ms == 0  # librdkafka stamps it with the produce time
+    assert ("timestamp_replaced", b"before_1970") in by_id[5].headers
+    assert all(h[0] != "timestamp_replaced" for h in by_id[4].headers)
+    assert by_id[4].timestamp_ms > 0
+
+
+@pytest.mark.parametrize("cdr_id", [1, 63, 64, 5001, 2**31 + 7, 2**62])
+def test_event_id_reads_the_first_field_in_either_framing(cdr_id: int) -> None:
+    from dataclasses import replace
+
+    from cdr_samples import sample_records
+
+    from streamer.avro import SingleObjectEncoder
+    from streamer.sink import event_id
+
+    single = SingleObjectEncoder().encode(replace(sample_records()[0], id=cdr_id))
+    assert event_id(single) == cdr_id
+    assert event_id(b"\x00\x00\x00\x00\x07" + single[10:]) == cdr_id  # registry framing
+    assert event_id(b"{}") is None
+
+
+def test_a_refused_event_no_longer_held_is_still_dead_lettered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import streamer.sink
+    from streamer.avro import SingleObjectEncoder
+    from streamer.sink import event_id
+
+    monkeypatch.setattr(streamer.sink, "MAX_RECENT_KEPT", 1)  # only the last message held
+    publisher, store = FakePublisher(refuse_ids={1}), MemoryCursorStore(0)
+    sink = make_sink(publisher, SingleObjectEncoder())
+    drive = drive_once(publisher, store, rows([1, 2, 3]), sink=sink)
+    drive.checkpoint()
+    assert sorted(event_id(m.value) for m in publisher.delivered if m.topic == "events") == [2, 3]
+    dead = [json.loads(m.value) for m in publisher.delivered if m.topic == "dead"]
+    assert [(d["id"], d["raw"]) for d in dead] == [(1, "")]
+    assert store.load() == 3

@@ -1,0 +1,64 @@
+"""The Publisher against librdkafka's in-process mock cluster: no broker, real client code."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamer.errors import DeliveryError
+from streamer.publisher import Publisher, RejectedMessage, producer_config
+
+
+def mock_config() -> dict[str, str]:
+    config = producer_config("", {"test.mock.num.brokers": "1", "linger.ms": "5"})
+    del config["bootstrap.servers"]  # the mock cluster is the bootstrap
+    return config
+
+
+def test_flush_confirms_every_message() -> None:
+    publisher = Publisher(mock_config())
+    try:
+        for i in range(200):
+            publisher.produce("events", b"k", f"v{i}".encode(), headers=[("cdr_id", b"1")])
+        publisher.flush(30)
+        assert publisher.delivered == 200
+        assert publisher.failed == 0
+        assert publisher.in_flight == 0
+    finally:
+        publisher.close()
+
+
+def test_a_transaction_commits_on_flush_and_aborts_cleanly() -> None:
+    publisher = Publisher(mock_config(), transactional_id="mock-feed", init_timeout_s=30)
+    try:
+        publisher.produce("events", b"k", b"one")
+        assert publisher.in_transaction
+        publisher.flush(30)  # commits
+        assert not publisher.in_transaction
+        assert publisher.delivered == 1
+        publisher.produce("events", b"k", b"two")
+        publisher.abort(30)
+        assert not publisher.in_transaction
+        assert publisher.usable
+    finally:
+        publisher.close()
+
+
+def test_a_probe_in_a_transaction_delivers_nothing_visible_and_reports_no_refusal() -> None:
+    publisher = Publisher(mock_config(), transactional_id="mock-probe", init_timeout_s=30)
+    try:
+        message = RejectedMessage("events", b"k", b"v", [("cdr_id", b"9")], 0, "")
+        assert publisher.probe([message], 30) == []
+        assert not publisher.in_transaction  # the probe's transaction was aborted
+    finally:
+        publisher.close()
+
+
+def test_an_unreachable_cluster_is_a_delivery_error_not_a_hang() -> None:
+    config = producer_config("127.0.0.1:1", {"message.timeout.ms": "500"})
+    publisher = Publisher(config)
+    try:
+        publisher.produce("events", b"k", b"v")
+        with pytest.raises(DeliveryError):
+            publisher.flush(5)
+    finally:
+        publisher.close(0)
