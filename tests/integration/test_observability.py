@@ -532,7 +532,11 @@ def test_burst_of_busy_and_unallocated_calls_lowers_the_asr(stack: Stack) -> Non
     stack.streamer.wait_for(
         lambda: p.value(cursor) == BURST_BACKLOG + BURST, "the burst in Prometheus"
     )
-    assert p.value(failed) == failed_before + len(burst_calls)
+    # One scrape can see the new cursor with the counters of before: prometheus_client
+    # reads the families one by one while the feed's thread goes on. So wait for them.
+    stack.streamer.wait_for(
+        lambda: p.value(failed) == failed_before + len(burst_calls), "the burst's failed calls"
+    )
     assert kpis_in_prometheus(p, "burst") == pytest.approx(kpis_of_rows(backlog + burst))
     ratio_after = p.value(ratio)
     assert ratio_after is not None
