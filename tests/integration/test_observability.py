@@ -504,6 +504,21 @@ def kpis_in_prometheus(p: Prometheus, feed: str) -> dict[str, float | None]:
     }
 
 
+def wait_for_kpis(stack: Stack, feed: str, expected: dict[str, float]) -> None:
+    """Until Prometheus holds `expected` (a scrape may catch a batch half added; see below)."""
+    seen: list[dict[str, float | None]] = []
+
+    def match() -> bool:
+        seen.append(kpis_in_prometheus(stack.prometheus, feed))
+        return bool(seen[-1] == pytest.approx(expected))
+
+    try:
+        stack.streamer.wait_for(match, "the KPI counters", timeout_s=30)
+    except AssertionError:
+        assert seen[-1] == pytest.approx(expected)  # the difference, not only a timeout
+        raise
+
+
 def test_burst_of_busy_and_unallocated_calls_lowers_the_asr(stack: Stack) -> None:
     p = stack.prometheus
     attempts = 'cdr_streamer_call_attempts_total{feed="burst"'
@@ -518,7 +533,7 @@ def test_burst_of_busy_and_unallocated_calls_lowers_the_asr(stack: Stack) -> Non
     # The KPI counters hold exactly what the rows say (SMS and service fees are no calls).
     expected = kpis_of_rows(backlog)
     assert expected["attempts"] < sum(r["CallType"] != "Service" for r in backlog)
-    assert kpis_in_prometheus(p, "burst") == pytest.approx(expected)
+    wait_for_kpis(stack, "burst", expected)
     ratio_before, failed_before = p.value(ratio), p.value(failed)
     assert ratio_before is not None
     assert failed_before is not None
@@ -537,7 +552,7 @@ def test_burst_of_busy_and_unallocated_calls_lowers_the_asr(stack: Stack) -> Non
     stack.streamer.wait_for(
         lambda: p.value(failed) == failed_before + len(burst_calls), "the burst's failed calls"
     )
-    assert kpis_in_prometheus(p, "burst") == pytest.approx(kpis_of_rows(backlog + burst))
+    wait_for_kpis(stack, "burst", kpis_of_rows(backlog + burst))
     ratio_after = p.value(ratio)
     assert ratio_after is not None
     assert ratio_before < 0.2 < ratio_after
