@@ -65,6 +65,16 @@ EXIT_OK, EXIT_FATAL, EXIT_UNDECODABLE = 0, 1, 4
 # apply to this consumer too (TLS, SASL, DNS); the producer-only ones do not.
 _CLIENT_SETTING_PREFIXES = ("security.", "sasl.", "ssl.", "ssl_", "client.dns.", "socket.")
 _BATCH = 10_000  # messages taken from librdkafka per call
+# Consumer errors that no waiting mends: the topic is gone or not ours to read.
+_STOPPING_ERRORS = frozenset(
+    {
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    }
+)
 TABLE_COLUMNS: tuple[tuple[str, int], ...] = (
     ("UTCDateTime", 24), ("ID", 10), ("AccountCode", 12), ("Direction", 9), ("CallType", 13),
     ("Status", 11), ("Seconds", 7), ("Charge", 12), ("feed", 10),
@@ -411,9 +421,8 @@ def tail(
     """Read `options.topic` from `options.start`; print what passes the filters."""
     consumer = Consumer(options.consumer_config)
     try:
-        return _tail(consumer, options, decoder, Printer(
-            out, output=options.output, dead_letters=options.dead_letters
-        ), stop)  # fmt: skip
+        printer = Printer(out, output=options.output, dead_letters=options.dead_letters)
+        return _tail(consumer, options, decoder, printer, stop)
     finally:
         consumer.close()
 
@@ -452,8 +461,9 @@ def _tail(
                 if error.code() == KafkaError._PARTITION_EOF:
                     at_end.add(cast(int, msg.partition()))
                     continue
-                if error.fatal() or not error.retriable():
+                if error.fatal() or error.code() in _STOPPING_ERRORS:
                     raise FatalError(f"reading {topic}: {error.str()}")
+                # A lost connection and the like: librdkafka reconnects by itself.
                 log.warning("reading %s: %s", topic, error.str())
                 continue
             at_end.discard(cast(int, msg.partition()))

@@ -15,6 +15,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -335,3 +337,48 @@ def test_registry_framing_by_id_for_two_versions(kafka_bootstrap: str) -> None:
     tail(busy, EventDecoder(SchemaSet(), registry), out)
     oks = [json.loads(line)["value"]["ID"] for line in out.getvalue().splitlines()]
     assert sorted(oks) == sorted(i for i in sent if sim.row(i)["Status"] == "Ok")
+
+
+def test_from_end_follows_new_events(kafka_bootstrap: str) -> None:
+    topic = f"cdr-{uuid4().hex[:8]}"
+    create_topic(kafka_bootstrap, topic, partitions=2)
+    sim = BillingFeedSimulator(SimulatorConfig(password="-", backlog=6, seed=8))
+    encoder = SingleObjectEncoder()
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+
+    def send(ids: range) -> None:
+        for cdr_id in ids:
+            record = record_of(sim.row(cdr_id))
+            producer.produce(topic, encoder.encode(record), record.account_code.encode())
+        assert producer.flush(30) == 0
+
+    send(range(1, 4))  # before the tail starts: not shown
+    out = io.StringIO()
+    options = TailOptions(
+        topic=topic, consumer_config=consumer_config(kafka_bootstrap), start="end", max_messages=3
+    )
+    done: list[Any] = []
+    reader = threading.Thread(
+        target=lambda: done.append(tail(options, EventDecoder(SchemaSet()), out))
+    )
+    reader.start()
+    try:
+        # The tail is at the end once librdkafka has fetched (and found nothing) there.
+        deadline = time.monotonic() + 60
+        while reader.is_alive() and not done:
+            send(range(4, 7))
+            reader.join(2)
+            assert time.monotonic() < deadline, "tail --from end printed nothing new"
+    finally:
+        reader.join(60)
+    printed = [json.loads(line)["value"]["ID"] for line in out.getvalue().splitlines()]
+    assert len(printed) == 3
+    assert set(printed) <= {4, 5, 6}
+
+
+def test_a_missing_topic_is_a_clear_error(
+    kafka_bootstrap: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    code = main(["tail", "--bootstrap-servers", kafka_bootstrap, "--topic", "no-such-topic-xyz"])
+    assert code == 1
+    assert "topic no-such-topic-xyz" in caplog.text
