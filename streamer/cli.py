@@ -2,7 +2,7 @@
 
 Exit codes: 0 stopped cleanly; 1 a fatal error (configuration, Kafka topics);
 2 bad command-line usage; 3 every feed (and SFTP source) stopped on a fatal error
-(e.g. bad credentials).
+(e.g. bad credentials); 4 (`tail`) some messages could not be decoded.
 """
 
 from __future__ import annotations
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
     add_simulate_files_parser(sub)
+    from streamer.tail import add_tail_parser
+
+    add_tail_parser(sub)
     return parser
 
 
@@ -137,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from streamer.simulator.cli import run_simulate_files
 
             return run_simulate_files(args)
+        if args.command == "tail":
+            from streamer.tail import run_tail
+
+            return run_tail(args)
         settings = load_settings(args.config, bootstrap_servers=args.bootstrap_servers)
         if args.command == "check-config":
             print(settings)

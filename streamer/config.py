@@ -286,36 +286,7 @@ def parse_settings(
         if key not in {"kafka", "feeds", "metrics", "sftp"}:
             problems.add(key, "unknown section (known: kafka, feeds, sftp, metrics)")
 
-    kafka_table = dict(data.get("kafka", {}))
-    servers = (
-        bootstrap_servers
-        or env.get("KAFKA_BOOTSTRAP_SERVERS")
-        or kafka_table.get("bootstrap_servers")
-    )
-    kafka_table.pop("bootstrap_servers", None)
-    kafka_args = _take(kafka_table, KafkaSettings, "kafka", problems, set())
-    if not servers:
-        problems.add("kafka.bootstrap_servers", "not set (or set KAFKA_BOOTSTRAP_SERVERS)")
-    delivery = kafka_args.get("delivery", "at_least_once")
-    if delivery not in ("at_least_once", "exactly_once"):
-        problems.add("kafka.delivery", "must be 'at_least_once' or 'exactly_once'")
-    store = kafka_args.get("cursor_store", "")
-    if store not in ("", "file", "kafka"):
-        problems.add("kafka.cursor_store", "must be 'file' or 'kafka'")
-    elif delivery == "exactly_once" and store == "file":
-        problems.add(
-            "kafka.cursor_store",
-            "exactly_once keeps the cursor in Kafka, inside each transaction: "
-            "remove cursor_store or set it to 'kafka'",
-        )
-    elif not store:
-        kafka_args["cursor_store"] = "kafka" if delivery == "exactly_once" else "file"
-    producer = kafka_args.get("producer", {})
-    if not isinstance(producer, Mapping):
-        problems.add("kafka.producer", "must be a table of librdkafka settings")
-    else:
-        kafka_args["producer"] = {str(k): str(v) for k, v in producer.items()}
-    _check_schema_registry(kafka_args, env, problems)
+    servers, kafka_args = _kafka_args(data, env, bootstrap_servers, problems)
 
     feeds: list[FeedSettings] = []
     tables = data.get("feeds", [])
@@ -350,6 +321,58 @@ def parse_settings(
         metrics=MetricsSettings(**metrics_args),
         sftp=tuple(sftp),
     )
+
+
+def _kafka_args(
+    data: Mapping[str, Any],
+    env: Mapping[str, str],
+    bootstrap_servers: str | None,
+    problems: _Problems,
+) -> tuple[str | None, dict[str, Any]]:
+    """The [kafka] table checked: (bootstrap servers, the other KafkaSettings arguments)."""
+    kafka_table = dict(data.get("kafka", {}))
+    servers = (
+        bootstrap_servers
+        or env.get("KAFKA_BOOTSTRAP_SERVERS")
+        or kafka_table.get("bootstrap_servers")
+    )
+    kafka_table.pop("bootstrap_servers", None)
+    kafka_args = _take(kafka_table, KafkaSettings, "kafka", problems, set())
+    if not servers:
+        problems.add("kafka.bootstrap_servers", "not set (or set KAFKA_BOOTSTRAP_SERVERS)")
+    delivery = kafka_args.get("delivery", "at_least_once")
+    if delivery not in ("at_least_once", "exactly_once"):
+        problems.add("kafka.delivery", "must be 'at_least_once' or 'exactly_once'")
+    store = kafka_args.get("cursor_store", "")
+    if store not in ("", "file", "kafka"):
+        problems.add("kafka.cursor_store", "must be 'file' or 'kafka'")
+    elif delivery == "exactly_once" and store == "file":
+        problems.add(
+            "kafka.cursor_store",
+            "exactly_once keeps the cursor in Kafka, inside each transaction: "
+            "remove cursor_store or set it to 'kafka'",
+        )
+    elif not store:
+        kafka_args["cursor_store"] = "kafka" if delivery == "exactly_once" else "file"
+    producer = kafka_args.get("producer", {})
+    if not isinstance(producer, Mapping):
+        problems.add("kafka.producer", "must be a table of librdkafka settings")
+    else:
+        kafka_args["producer"] = {str(k): str(v) for k, v in producer.items()}
+    _check_schema_registry(kafka_args, env, problems)
+    return servers, kafka_args
+
+
+def load_kafka_settings(
+    path: Path, *, env: Mapping[str, str] | None = None, bootstrap_servers: str | None = None
+) -> KafkaSettings:
+    """Only the [kafka] table of a configuration file: for tools that read the topics
+    (`cdr-streamer tail`), which need no feed and none of the feeds' passwords."""
+    env = os.environ if env is None else env
+    problems = _Problems()
+    servers, kafka_args = _kafka_args(_read_toml(path), env, bootstrap_servers, problems)
+    problems.raise_if_any(str(path))
+    return KafkaSettings(bootstrap_servers=str(servers), **kafka_args)
 
 
 _SFTP_SECRET_KEYS = {
@@ -612,14 +635,19 @@ def load_settings(
     path: Path, *, env: Mapping[str, str] | None = None, bootstrap_servers: str | None = None
 ) -> Settings:
     """Read a TOML configuration file."""
+    return parse_settings(
+        _read_toml(path), env=env, source=str(path), bootstrap_servers=bootstrap_servers
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
-    return parse_settings(data, env=env, source=str(path), bootstrap_servers=bootstrap_servers)
 
 
 def check_backfill_window(day: date | None, hour: int | None) -> None:

@@ -1,7 +1,17 @@
 """Rejected rows -> dead-letter events: the raw text, why it was rejected, and where it came from.
 
 The value is JSON, not Avro, on purpose: a dead letter is read by people fixing a
-problem, and it must be able to carry any text the provider sent.
+problem, and it must be able to carry any text the provider sent. Its fields (the
+README's "Dead letters" documents them for consumers):
+
+    version        DEAD_LETTER_VERSION, the record's own version
+    reason         a records.REASONS code; detail: the problem in words
+    raw            the row's text as received; raw_truncated: true when cut at MAX_RAW_BYTES
+    id             the row's CDR ID if it could be read, else null
+    feed, source   the feed's (or file source's) configured name; "feed" or the protocol
+    fromid         the cursor the feed request started from (0 for files)
+    rejected_at    when it was rejected, ISO 8601 UTC with milliseconds
+    file           file sources only: the file's name
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Protocol
 from streamer.avro import timestamp_ms
 from streamer.deadletter import encode_dead_letter
 from streamer.errors import DeliveryError
-from streamer.metrics import FeedMetrics
+from streamer.metrics import FeedMetrics, UsageTally
 from streamer.publisher import Publisher, RejectedMessage, TimestampLimits
 from streamer.records import CallRecord, Rejection
 
@@ -29,6 +29,7 @@ class Batch:
 
     published: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
+    usage: UsageTally = field(default_factory=UsageTally)  # seconds and charges, for the KPIs
     newest_event_ms: int = 0
     size: int = 0
 
@@ -234,6 +235,7 @@ class EventSink:
         )
         self._remember(value, Sent(record.id, raw, message_ts, all_headers))
         batch.published[(record.status, record.direction, record.call_type)] += 1
+        batch.usage.add(record)
         if ts > batch.newest_event_ms:
             batch.newest_event_ms = ts
         batch.size += 1
@@ -286,7 +288,9 @@ class EventSink:
         except DeliveryError:
             self.metrics.delivery_errors.inc(max(1, publisher.in_flight))
             raise
-        self.metrics.confirmed(batch.published, batch.rejected, batch.newest_event_ms / 1000)
+        self.metrics.confirmed(
+            batch.published, batch.rejected, batch.newest_event_ms / 1000, batch.usage
+        )
         self.metrics.in_flight.set(0)
 
     def sent(self, message: RejectedMessage) -> Sent:
