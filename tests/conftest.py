@@ -10,6 +10,12 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
+from hypothesis import settings
+
+# No per-example time limit: these machines are shared and noisy, and speed is measured
+# in bench/, never asserted by a test (hypothesis' default deadline is 200 ms).
+settings.register_profile("cdr-streamer", deadline=None)
+settings.load_profile("cdr-streamer")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = REPO_ROOT / "scripts" / "kafka-local"
