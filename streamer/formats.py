@@ -66,6 +66,7 @@ from typing import Any
 
 from streamer.errors import BadResponseError
 from streamer.records import FIELDS, Rejection, Row
+from streamer.redact import excerpt
 
 FORMATS: dict[str, str] = {"csv": ",", "txt": "\t", "pipe": "|"}
 FORMAT_NAMES: tuple[str, ...] = ("csv", "txt", "pipe", "json")
@@ -73,7 +74,7 @@ FORMAT_NAMES: tuple[str, ...] = ("csv", "txt", "pipe", "json")
 # Far above any billing row (a few hundred characters), far below trouble.
 MAX_RECORD_CHARS = 1 << 20
 
-_EXCERPT_CHARS = 80
+_EXCERPT_CHARS = 80  # error messages show this much of a body; streamer.redact knows the cut
 # surrogateescape turns each undecodable byte into U+DC80..U+DCFF; a JSON \u escape
 # can give any lone surrogate.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -104,10 +105,9 @@ def parse_rows(chunks: Iterable[bytes], fmt: str) -> Iterator[Row | Rejection]:
     return _parse_delimited(chunks, delimiter)
 
 
-def _excerpt(text: str) -> str:
-    """The start of `text`, quoted and escaped so it is printable in a message."""
-    more = "..." if len(text) > _EXCERPT_CHARS else ""
-    return repr(text[:_EXCERPT_CHARS]) + more
+def _excerpt(text: str, start: int = 0) -> str:
+    """`text` from `start`, quoted, escaped and cut short for a message (`...` marks a cut)."""
+    return excerpt(text, start, _EXCERPT_CHARS)
 
 
 def _replaced(text: str) -> str:
@@ -382,7 +382,7 @@ class _JsonText:
 
     def excerpt(self, before: int = 0) -> str:
         """The text from `before` characters ahead of `pos`, for a message."""
-        return _excerpt(self.buf[max(0, self.pos - before) :])
+        return _excerpt(self.buf, max(0, self.pos - before))
 
 
 def _cut_short(exc: json.JSONDecodeError, buf: str) -> bool:
@@ -479,7 +479,7 @@ def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
         if char is None:
             raise BadResponseError(
                 f"truncated response: the JSON array is not closed, the body ends with "
-                f"{_excerpt(text.buf[-_EXCERPT_CHARS:])}",
+                f"{_excerpt(text.buf, max(0, len(text.buf) - _EXCERPT_CHARS))}",
                 reason="truncated",
             )
         try:
@@ -487,7 +487,7 @@ def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
         except json.JSONDecodeError as exc:
             if not _cut_short(exc, text.buf):
                 raise BadResponseError(
-                    f"bad JSON: {exc.msg} at {_excerpt(text.buf[max(text.pos, exc.pos - 40) :])}",
+                    f"bad JSON: {exc.msg} at {_excerpt(text.buf, max(text.pos, exc.pos - 40))}",
                     reason="bad_json",
                 ) from exc
             # Each retry decodes the element from its start, so wait for it to double:

@@ -11,6 +11,8 @@ from uuid import uuid4
 
 import pytest
 
+from streamer import redact
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = REPO_ROOT / "scripts" / "kafka-local"
 INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
@@ -26,6 +28,15 @@ class KafkaBroker:
 
     bootstrap: str
     local_dir: Path | None
+
+
+@pytest.fixture(autouse=True)
+def _forget_secrets() -> Iterator[None]:
+    """Each test's secrets are redacted during that test only: one test's password
+    (say "x") must not hide text in the messages another test checks."""
+    before = redact.registered()
+    yield
+    redact.restore(before)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
