@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from types import FrameType
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry
 
-from streamer import __version__
+from streamer import __version__, redact
 from streamer.avro import make_encoder
 from streamer.config import (
     FeedSettings,
@@ -28,6 +29,7 @@ from streamer.config import (
     SftpSettings,
     check_backfill_window,
     is_loopback_url,
+    is_secret_setting,
     load_settings,
 )
 from streamer.cursor import (
@@ -38,9 +40,11 @@ from streamer.cursor import (
     KafkaCursorStore,
     MemoryCursorStore,
 )
+from streamer.endpoint import Credentials, tls_context
 from streamer.errors import ConfigError, FatalError
 from streamer.feed import Backoff, FeedClient, FeedQuery, FeedTimeouts
 from streamer.health import HealthServer, KafkaCheck, Readiness
+from streamer.limits import BodyLimits
 from streamer.metrics import FeedMetrics, Metrics, SftpMetrics
 from streamer.pipeline import (
     Encoder,
@@ -152,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Before the first log line: every record and uncaught traceback is redacted.
+    redact.install()
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -171,13 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_simulate_files(args)
         settings = load_settings(args.config, bootstrap_servers=args.bootstrap_servers)
         if args.command == "check-config":
-            print(settings)
-            secretive = ("password", "secret", "key", "token", "credentials")
+            print(redact.redact(str(settings)))
             producer = {
-                k: "********" if any(word in k for word in secretive) else v
+                # "key" hides key paths too (ssl.key.location): shown, not secret, but private.
+                k: "********" if is_secret_setting(k) or "key" in k else v
                 for k, v in settings.kafka.producer.items()
             }
-            print(f"kafka.producer={producer}")
+            print(redact.redact(f"kafka.producer={producer}"))
             return EXIT_OK
         if args.command == "backfill":
             return _backfill(settings, args)
@@ -276,6 +282,7 @@ def _build_pipeline(
         backoff=Backoff(feed.backoff_base_s, feed.backoff_max_s),
         stop=stop,
         on_request=feed_metrics.request,
+        limits=BodyLimits(feed.max_body_bytes, feed.max_expansion_ratio),
     )
     k = settings.kafka
     transactional_id = f"{k.transactional_id_prefix}-{feed.name}" if exactly_once else None
@@ -450,6 +457,7 @@ def _build_sftp(
         exactly_once=exactly_once,
         feed_cursor=feed_cursor,
         stop=stop,
+        max_file_bytes=source.max_file_bytes,
     )
 
 
@@ -465,13 +473,46 @@ def _start_health_server(settings: Settings, metrics: Metrics) -> HealthServer:
     """/metrics, /healthz and /readyz on the metrics port."""
     k, m = settings.kafka, settings.metrics
     kafka_check = KafkaCheck({**k.producer, "bootstrap.servers": k.bootstrap_servers})
-    readiness = Readiness(metrics, kafka_check, max_failing_s=m.ready_max_failing_s)
-    health = HealthServer(metrics.registry, readiness.problems, host=m.host, port=m.port)
+    readiness = Readiness(
+        metrics,
+        kafka_check,
+        max_failing_s=m.ready_max_failing_s,
+        max_poll_s=m.ready_max_poll_s,
+    )
+    credentials = None
+    if m.basic_auth_user or m.bearer_token is not None:
+        credentials = Credentials(m.basic_auth_user, m.basic_auth_password, m.bearer_token)
+    tls = None
+    if m.tls_cert_file:
+        try:
+            tls = tls_context(m.tls_cert_file, m.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot use metrics.tls_cert_file {m.tls_cert_file} and tls_key_file "
+                f"{m.tls_key_file}: {exc}"
+            ) from exc
+    health = HealthServer(
+        metrics.registry,
+        readiness.problems,
+        host=m.host,
+        port=m.port,
+        credentials=credentials,
+        auth_probes=m.auth_probes,
+        tls=tls,
+    )
     try:
         health.start()
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {m.host}:{m.port}: {exc.strerror}") from exc
-    log.info("metrics on http://%s:%d/metrics, also /healthz and /readyz", m.host, health.port)
+    scheme = "https" if tls is not None else "http"
+    guarded = (
+        "" if credentials is None else ", credentials required" + ("" if m.auth_probes else
+        " except for the probes")
+    )  # fmt: skip
+    log.info(
+        "metrics on %s://%s:%d/metrics, also /healthz and /readyz%s",
+        scheme, m.host, health.port, guarded,
+    )  # fmt: skip
     return health
 
 

@@ -84,6 +84,7 @@ from streamer.errors import (
 )
 from streamer.feed import Backoff
 from streamer.formats import parse_rows
+from streamer.limits import DEFAULT_MAX_BYTES, capped
 from streamer.metrics import SftpSourceMetrics
 from streamer.pipeline import Batch, EventSink, IdRanges, Runner
 from streamer.publisher import Publisher
@@ -546,6 +547,7 @@ class SftpCollector:
         feed_cursor: Callable[[], int] | None = None,
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_file_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if exactly_once and not isinstance(cursor_store, JsonKafkaCursorStore):
             raise TypeError("exactly-once needs the cursor in Kafka")
@@ -565,6 +567,7 @@ class SftpCollector:
         self.feed_cursor = feed_cursor
         self.stop = stop or threading.Event()
         self.tracker = SettleTracker(settle_s, clock)
+        self.max_file_bytes = max_file_bytes
         self._committed: SftpCursor | None = None
 
     def close(self) -> None:
@@ -697,7 +700,14 @@ class SftpCollector:
                     reason="unknown_format",
                 )
             index = 0
-            for row in parse_rows(session.read(self._path(f.name), count_bytes), fmt):
+            # A file over max_file_bytes is not a feed file: quarantined like any other.
+            data = capped(
+                session.read(self._path(f.name), count_bytes),
+                self.max_file_bytes,
+                where=f.name,
+                setting="max_file_bytes",
+            )
+            for row in parse_rows(data, fmt):
                 index += 1
                 if index <= start:
                     continue  # confirmed before a restart

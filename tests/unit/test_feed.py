@@ -7,6 +7,7 @@ tests drive the same client against the simulator over real HTTP.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from datetime import date
 
 import httpx
@@ -38,10 +39,25 @@ def client_for(handler: httpx.MockTransport, **kwargs: object) -> FeedClient:
     )
 
 
+class _Streamed(httpx.SyncByteStream):
+    """A body that arrives as a stream, as it does off the network (not read in advance)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._body:
+            yield self._body
+
+
+def response(
+    status: int, body: bytes = b"", headers: dict[str, str] | None = None
+) -> httpx.Response:
+    return httpx.Response(status, stream=_Streamed(body), headers=headers)
+
+
 def answer(status: int, body: bytes, headers: dict[str, str] | None = None) -> httpx.MockTransport:
-    return httpx.MockTransport(
-        lambda request: httpx.Response(status, content=body, headers=headers)
-    )
+    return httpx.MockTransport(lambda request: response(status, body, headers))
 
 
 def fetch_all(client: FeedClient, fromid: int = 0) -> list[object]:
@@ -103,7 +119,7 @@ def test_connection_error_retried_then_raised() -> None:
 
 
 def test_5xx_then_success_is_retried() -> None:
-    answers = iter([httpx.Response(503), httpx.Response(200, content=b"")])
+    answers = iter([response(503), response(200)])
     outcomes: list[str] = []
     client = client_for(
         httpx.MockTransport(lambda request: next(answers)),
@@ -118,7 +134,7 @@ def test_post_sends_every_parameter_in_the_body() -> None:
 
     def record(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(200, content=b"")
+        return response(200)
 
     query = FeedQuery(format="pipe", date=date(2024, 5, 22), hour=7, callsonly=True)
     fetch_all(client_for(httpx.MockTransport(record), query=query), fromid=42)
@@ -144,7 +160,7 @@ def test_get_puts_parameters_in_query_and_logs_redact_the_password(
 
     def record(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(200, content=b"")
+        return response(200)
 
     caplog.set_level(logging.DEBUG)
     client = client_for(httpx.MockTransport(record), method="GET")
