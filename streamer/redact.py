@@ -56,14 +56,15 @@ _BYTE_ESCAPE = r"(?:%(?:25)*[0-9A-Fa-f]{2}|\\+x[0-9A-Fa-f]{2}|[\x80-\xbf])"
 _FRAGMENT_BEFORE_CUT = (
     r"(?:(?:%(?:25)*[0-9A-Fa-f]{2}){0,3}(?:%(?:25)*[0-9A-Fa-f]?)?"
     r"|(?:\\+x[0-9A-Fa-f]{2}){0,3}(?:\\+x?[0-9A-Fa-f]?)?"
-    r"|\\+(?:u[0-9A-Fa-f]{0,3}|U[0-9A-Fa-f]{0,7})?"
+    r"|(?:\\+u[dD][89abAB][0-9A-Fa-f]{2})?(?:\\+(?:u[0-9A-Fa-f]{0,3}|U[0-9A-Fa-f]{0,7})?)?"
     r"|&#?[xX]?[0-9A-Za-z]{0,8}"
-    r"|[\xc2-\xf4][\x80-\xbf]{0,2}"
+    r"|[\xc2-\xf4](?:[\x80-\xbf]|\\+x[89abAB][0-9A-Fa-f]){0,2}"
     r"|\ufffd{1,3})"
 )
 # The rest of an escape, or of a character's UTF-8 bytes, that a cut at the start split.
 _FRAGMENT_AFTER_CUT = (
-    r"(?:(?:[uxU]?[0-9A-Fa-f]{1,7}|#?[xX]?[0-9A-Za-z]{0,8};)?" + _BYTE_ESCAPE + "{0,3})"
+    r"(?:(?:\\*[uxU]?[0-9A-Fa-f]{1,7}|#?[xX]?[0-9A-Za-z]{0,8};)?"
+    r"(?:\\+u[dD][c-fC-F][0-9A-Fa-f]{2})?" + _BYTE_ESCAPE + "{0,3})"
 )
 _CUT_AHEAD = r"(?=b?['\"]?(?:\.\.\.|\u2026|\Z))"
 _CUT_BEHIND = (
@@ -184,7 +185,11 @@ def _char(c: str) -> str:
         forms.add(r"\\+U" + _hex(cp, 8))
     if not c.isascii():
         forms.add("".join(r"\\+x" + _hex(b, 2) for b in data))  # bytes repr
-        forms.add(re.escape(data.decode("latin-1")))  # UTF-8 read as Latin-1
+        misread = data.decode("latin-1")  # UTF-8 read as Latin-1, as is and repr-escaped
+        forms.add(re.escape(misread))
+        forms.add(
+            "".join(re.escape(m) if m.isprintable() else r"\\+x" + _hex(ord(m), 2) for m in misread)
+        )
         forms.add("\ufffd{1,%d}" % len(data))  # noqa: UP031 - a regex, not a message
         if cp < 0x100:
             forms.add(f"%(?:25)*{_hex(cp, 2)}")  # percent-encoded as Latin-1
