@@ -44,7 +44,9 @@ Decisions the provider's spec leaves open:
   documented key is ``missing_field``; an element that is not an object, or a
   field holding an object or array, is ``bad_json``.  A syntax error inside the
   array, or data after its ``]``, fails the whole body (``bad_json``): there is
-  no way to find the next element again.
+  no way to find the next element again.  A first element that is an object
+  with keys but none of the documented ones (``[{"error": ...}]``) is no feed
+  response at all (``not_feed``): an error object, which may echo the request.
 
 `BadResponseError` is raised when the problem is detected, so rows before it
 have already been yielded; the caller must not advance its cursor past a body
@@ -429,6 +431,11 @@ def _json_text(value: object) -> str:
     raise _NotAValueError(_json_kind(value))
 
 
+def _has_a_field(obj: dict[str, Any]) -> bool:
+    """Whether a JSON object has any documented key (matched as `_json_row` matches)."""
+    return any(key.strip().lower() in _BY_LOWER_NAME for key in obj)
+
+
 def _json_row(element: object, raw: str) -> Row | Rejection:
     if not isinstance(element, dict):
         if not raw.isascii() and _SURROGATE.search(raw):
@@ -475,6 +482,7 @@ def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
     char = text.next_char()
     if char == "]":
         text.pos += 1
+    first = True
     while char != "]":
         if char is None:
             raise BadResponseError(
@@ -518,6 +526,15 @@ def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
             raise _too_long(text.buf[text.pos : end])
         raw = text.buf[text.pos : end]
         text.pos = end
+        if first and type(element) is dict and element and not _has_a_field(element):
+            # {"error": ..., "request": {...}}: an error object, often echoing the
+            # request (and its password), not a billing row to dead-letter.
+            raise BadResponseError(
+                "not a billing feed response: the first element has none of the documented "
+                f"fields: {_excerpt(raw)}",
+                reason="not_feed",
+            )
+        first = False
         yield _json_row(element, raw)
         char = text.next_char()
         if char == ",":
