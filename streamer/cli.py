@@ -283,6 +283,7 @@ def _build_pipeline(
         stop=stop,
         on_request=feed_metrics.request,
         limits=BodyLimits(feed.max_body_bytes, feed.max_expansion_ratio),
+        ca_file=feed.ca_file,
     )
     k = settings.kafka
     transactional_id = f"{k.transactional_id_prefix}-{feed.name}" if exactly_once else None
@@ -317,6 +318,12 @@ def _run(settings: Settings, *, once: bool) -> int:
     groups: list[tuple[str, list[Runner]]] = []
     paired = {s.pairs_with_feed: s for s in settings.sftp if s.pairs_with_feed}
     for feed in settings.feeds:
+        if feed.url.startswith("http://") and not is_loopback_url(feed.url):
+            log.warning(
+                "feed %s: %s is plain HTTP: the login and password cross the network "
+                "unencrypted; use the provider's https:// address",
+                feed.name, feed.url,
+            )  # fmt: skip
         if feed.poll_interval_s < 600 and not is_loopback_url(feed.url):
             log.warning(
                 "feed %s polls every %g s, under the provider's 600 s guidance",

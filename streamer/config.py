@@ -100,6 +100,9 @@ class FeedSettings:
     backoff_max_s: float = 300.0
     cursor_file: str = ""
     initial_cursor: int = 0
+    # HTTPS: the CA certificates (PEM) to trust for the feed instead of the public ones
+    # (certifi's; or SSL_CERT_FILE / SSL_CERT_DIR). Verification cannot be turned off.
+    ca_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -603,6 +606,9 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
         problems.add(f"{where}.url", "must not carry a query string: parameters are sent by us")
     if args.get("format", "csv") not in ("csv", "txt", "pipe", "json"):
         problems.add(f"{where}.format", "must be one of csv, txt (tab), pipe, json")
+    ca_file = args.get("ca_file")
+    if isinstance(ca_file, str) and ca_file and not Path(ca_file).is_file():
+        problems.add(f"{where}.ca_file", f"{ca_file} is not a readable file")
     if args.get("method", "POST") not in ("POST", "GET"):
         problems.add(f"{where}.method", "must be POST or GET")
     if args.get("callsonly") and args.get("servicesonly"):

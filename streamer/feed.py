@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -156,6 +157,7 @@ class FeedClient:
         stop: threading.Event | None = None,
         on_request: Callable[[str, float, int], None] | None = None,
         limits: BodyLimits | None = None,
+        ca_file: str = "",
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url
@@ -182,6 +184,9 @@ class FeedClient:
             follow_redirects=False,
             # A new connection per request: RequestDeadline watches the one it sees opened.
             limits=httpx.Limits(max_keepalive_connections=0),
+            # Certificates are always checked: against ca_file if given, else the
+            # public CAs (certifi's, or SSL_CERT_FILE / SSL_CERT_DIR).
+            verify=ssl.create_default_context(cafile=ca_file) if ca_file else True,
             transport=transport,
         )
 

@@ -482,7 +482,7 @@ def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
     char = text.next_char()
     if char == "]":
         text.pos += 1
-    first = True
+    first_element = True
     while char != "]":
         if char is None:
             raise BadResponseError(
@@ -526,7 +526,7 @@ def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
             raise _too_long(text.buf[text.pos : end])
         raw = text.buf[text.pos : end]
         text.pos = end
-        if first and type(element) is dict and element and not _has_a_field(element):
+        if first_element and type(element) is dict and element and not _has_a_field(element):
             # {"error": ..., "request": {...}}: an error object, often echoing the
             # request (and its password), not a billing row to dead-letter.
             raise BadResponseError(
@@ -534,7 +534,7 @@ def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
                 f"fields: {_excerpt(raw)}",
                 reason="not_feed",
             )
-        first = False
+        first_element = False
         yield _json_row(element, raw)
         char = text.next_char()
         if char == ",":

@@ -7,17 +7,21 @@ tests drive the same client against the simulator over real HTTP.
 from __future__ import annotations
 
 import gzip
+import http.server
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 import zlib
 from collections.abc import Iterator
 from datetime import date
+from pathlib import Path
 
 import httpx
 import pytest
+from tls_cert import make_cert
 
 from streamer.config import Secret
 from streamer.errors import (
@@ -372,3 +376,35 @@ def test_the_deadline_covers_headers_and_the_whole_body(answer: bytes, slow_from
     assert time.monotonic() - started < 1.5 + 1
     assert len(server.closed_after_s) == 1
     assert server.closed_after_s[0] < 1.5 + 1
+
+
+class _EmptyFeed(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_https_feed_is_verified_against_ca_file_or_the_public_cas(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    server = http.server.HTTPServer(("127.0.0.1", 0), _EmptyFeed)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/billingfeed.php"
+    try:
+        trusted = FeedClient(url, "81234567", Secret(PASSWORD), ca_file=str(cert))
+        assert fetch_all(trusted) == []
+        # A certificate no trusted CA signed: refused, never accepted quietly.
+        public = FeedClient(url, "81234567", Secret(PASSWORD), max_attempts=1)
+        with pytest.raises(FeedUnavailableError, match="cannot reach"):
+            fetch_all(public)
+    finally:
+        server.shutdown()
+        server.server_close()
