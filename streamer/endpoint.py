@@ -48,7 +48,8 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A server-side TLS context (TLS 1.2 or newer) from PEM certificate and key files."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_file, key_file)
+    # An encrypted key fails here (ssl.SSLError) instead of OpenSSL asking on the terminal.
+    context.load_cert_chain(cert_file, key_file, password=lambda: b"")
     return context
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from wsgiref.types import StartResponse, WSGIEnvironment
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 from tls_cert import make_cert
 
@@ -285,3 +286,18 @@ def test_a_client_that_never_finishes_the_tls_handshake_is_closed(
         assert wait_closed_by_server(sock, timeout_s=10) < 1 + 1
     # ... and the server still answers whoever does the handshake.
     assert request(server.port, "/ok", context=client)[0] == 200
+
+
+def test_an_encrypted_key_is_refused_not_prompted_for(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    private = serialization.load_pem_private_key(key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    with pytest.raises(ssl.SSLError):
+        tls_context(str(cert), str(encrypted))
