@@ -8,6 +8,7 @@ only this module (and `pipeline.py`) puts several of them together.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +29,10 @@ from streamer.cursor import (
     KafkaCursorStore,
     MemoryCursorStore,
 )
+from streamer.endpoint import Credentials, tls_context
 from streamer.errors import ConfigError
 from streamer.health import HealthServer, KafkaCheck, Readiness
+from streamer.limits import BodyLimits
 from streamer.metrics import FeedMetrics, Metrics, SftpMetrics
 from streamer.pipeline import FeedPipeline
 from streamer.publisher import (
@@ -151,6 +154,8 @@ def _build_pipeline(
         stop=stop,
         on_request=feed_metrics.request,
         name=feed.name,
+        limits=BodyLimits(feed.max_body_bytes, feed.max_expansion_ratio),
+        ca_file=feed.ca_file,
     )
     k = settings.kafka
     transactional_id = f"{k.transactional_id_prefix}-{feed.name}" if exactly_once else None
@@ -189,6 +194,12 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
     units: list[Unit] = []
     paired = {s.pairs_with_feed: s for s in settings.sftp if s.pairs_with_feed}
     for feed in settings.feeds:
+        if feed.url.startswith("http://") and not is_loopback_url(feed.url):
+            log.warning(
+                "feed %s: %s is plain HTTP: the login and password cross the network "
+                "unencrypted; use the provider's https:// address",
+                feed.name, feed.url,
+            )  # fmt: skip
         if feed.poll_interval_s < 600 and not is_loopback_url(feed.url):
             log.warning(
                 "feed %s polls every %g s, under the provider's 600 s guidance",
@@ -324,6 +335,7 @@ def _build_sftp(
         exactly_once=exactly_once,
         feed_cursor=feed_cursor,
         stop=stop,
+        max_file_bytes=source.max_file_bytes,
     )
 
 
@@ -378,13 +390,46 @@ def _start_health_server(settings: Settings, metrics: Metrics) -> HealthServer:
     """/metrics, /healthz and /readyz on the metrics port."""
     k, m = settings.kafka, settings.metrics
     kafka_check = KafkaCheck({**k.producer, "bootstrap.servers": k.bootstrap_servers})
-    readiness = Readiness(metrics, kafka_check, max_failing_s=m.ready_max_failing_s)
-    health = HealthServer(metrics.registry, readiness.problems, host=m.host, port=m.port)
+    readiness = Readiness(
+        metrics,
+        kafka_check,
+        max_failing_s=m.ready_max_failing_s,
+        max_poll_s=m.ready_max_poll_s,
+    )
+    credentials = None
+    if m.basic_auth_user or m.bearer_token is not None:
+        credentials = Credentials(m.basic_auth_user, m.basic_auth_password, m.bearer_token)
+    tls = None
+    if m.tls_cert_file:
+        try:
+            tls = tls_context(m.tls_cert_file, m.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot use metrics.tls_cert_file {m.tls_cert_file} and tls_key_file "
+                f"{m.tls_key_file}: {exc}"
+            ) from exc
+    health = HealthServer(
+        metrics.registry,
+        readiness.problems,
+        host=m.host,
+        port=m.port,
+        credentials=credentials,
+        auth_probes=m.auth_probes,
+        tls=tls,
+    )
     try:
         health.start()
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {m.host}:{m.port}: {exc.strerror}") from exc
-    log.info("metrics on http://%s:%d/metrics, also /healthz and /readyz", m.host, health.port)
+    scheme = "https" if tls is not None else "http"
+    guarded = (
+        "" if credentials is None else ", credentials required" + ("" if m.auth_probes else
+        " except for the probes")
+    )  # fmt: skip
+    log.info(
+        "metrics on %s://%s:%d/metrics, also /healthz and /readyz%s",
+        scheme, m.host, health.port, guarded,
+    )  # fmt: skip
     return health
 
 

@@ -17,8 +17,8 @@ from datetime import date
 from pathlib import Path
 from types import FrameType
 
-from streamer import __version__, app
-from streamer.config import Settings, check_backfill_window, load_settings
+from streamer import __version__, app, redact
+from streamer.config import Settings, check_backfill_window, is_secret_setting, load_settings
 from streamer.errors import ConfigError, FatalError
 from streamer.scheduler import Runner
 
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Before the first log line: every record and uncaught traceback is redacted.
+    redact.install()
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -146,13 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_tail(args)
         settings = load_settings(args.config, bootstrap_servers=args.bootstrap_servers)
         if args.command == "check-config":
-            print(settings)
-            secretive = ("password", "secret", "key", "token", "credentials")
+            print(redact.redact(str(settings)))
             producer = {
-                k: "********" if any(word in k for word in secretive) else v
+                # "key" hides key paths too (ssl.key.location): shown, not secret, but private.
+                k: "********" if is_secret_setting(k) or "key" in k else v
                 for k, v in settings.kafka.producer.items()
             }
-            print(f"kafka.producer={producer}")
+            print(redact.redact(f"kafka.producer={producer}"))
             return EXIT_OK
         stop = threading.Event()
         _stop_on_signals(stop)

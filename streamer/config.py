@@ -21,7 +21,9 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from streamer import redact
 from streamer.errors import ConfigError
+from streamer.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_EXPANSION_RATIO
 from streamer.sources.compression import MAX_DECOMPRESSED_BYTES
 
 PROVIDER_MIN_POLL_INTERVAL_S = (
@@ -29,6 +31,10 @@ PROVIDER_MIN_POLL_INTERVAL_S = (
 )
 DEFAULT_PASSWORD_ENV = "CDR_FEED_PASSWORD"  # noqa: S105 - the variable's name, not a password
 SCHEMA_REGISTRY_PASSWORD_ENV = "CDR_SCHEMA_REGISTRY_PASSWORD"  # noqa: S105 - likewise
+# The metrics endpoint's address when [metrics] host is not set; the Docker image sets
+# 0.0.0.0, a plain install listens on loopback only.
+METRICS_HOST_ENV = "CDR_METRICS_HOST"
+DEFAULT_METRICS_HOST = "127.0.0.1"
 
 FeedFormat = Literal["csv", "txt", "pipe", "json"]
 SftpFormat = Literal["auto", "csv", "txt", "pipe", "json"]
@@ -39,12 +45,17 @@ Delivery = Literal["at_least_once", "exactly_once"]
 
 
 class Secret:
-    """A string that never shows itself in `repr`, `str`, a log line or a traceback."""
+    """A string that never shows itself in `repr`, `str`, a log line or a traceback.
+
+    Made, it is registered with `streamer.redact`, so no log line or error message
+    of the process shows it, in any encoding.
+    """
 
     __slots__ = ("_value",)
 
     def __init__(self, value: str) -> None:
         self._value = value
+        redact.register(value)
 
     def reveal(self) -> str:
         """The secret itself, for the one place that must send it."""
@@ -83,7 +94,11 @@ class FeedSettings:
     ids_ascending: bool = False
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
-    request_deadline_s: float = 1800.0
+    request_deadline_s: float = 1800.0  # connect to last byte
+    # A response over this many bytes (decoded) fails the poll; so does a compressed one
+    # that expands more than max_expansion_ratio times (a decompression bomb).
+    max_body_bytes: int = DEFAULT_MAX_BYTES
+    max_expansion_ratio: float = DEFAULT_MAX_EXPANSION_RATIO
     max_attempts: int = 5
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
@@ -91,6 +106,9 @@ class FeedSettings:
     initial_cursor: int = 0
     # The provider's local time zone: what its `date` and `hour` parameters mean.
     timezone: str = "Pacific/Auckland"
+    # HTTPS: the CA certificates (PEM) to trust for the feed instead of the public ones
+    # (certifi's; or SSL_CERT_FILE / SSL_CERT_DIR). Verification cannot be turned off.
+    ca_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +145,24 @@ class KafkaSettings:
 
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
-    """Where /metrics, /healthz and /readyz listen; port 0 disables the endpoint."""
+    """Where /metrics, /healthz and /readyz listen, and who may read them; port 0: off."""
 
-    host: str = "0.0.0.0"  # noqa: S104 - a scrape target must be reachable from Prometheus
+    host: str = DEFAULT_METRICS_HOST  # or CDR_METRICS_HOST when the file does not say
     port: int = 9108
-    # /readyz answers 503 once a feed's polls have been failing for longer than this.
+    # /readyz answers 503 once a feed's polls have been failing for longer than this,
     ready_max_failing_s: float = 900.0
+    # or once one poll has been running this long (the default deadline is 1800 s).
+    ready_max_poll_s: float = 3600.0
+    # Credentials for every path but /healthz and /readyz (those too with auth_probes):
+    # basic auth (user + basic_auth_password_env/_file), a bearer token
+    # (bearer_token_env/_file), or both.
+    basic_auth_user: str = ""
+    basic_auth_password: Secret | None = None
+    bearer_token: Secret | None = None
+    auth_probes: bool = False
+    # HTTPS instead of HTTP: a PEM certificate (chain) and its private key.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +202,7 @@ class SftpSettings:
     # A compressed file (.gz, .zip) inflating past this is quarantined: a bound on
     # what a corrupt or hostile archive can cost.
     max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES
+    max_file_bytes: int = DEFAULT_MAX_BYTES  # a bigger file is quarantined
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +213,18 @@ class Settings:
     feeds: tuple[FeedSettings, ...]
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     sftp: tuple[SftpSettings, ...] = ()
+
+
+# librdkafka settings whose values are secrets (sasl.password, ssl.key.password,
+# ssl.keystore.password, sasl.oauthbearer.client.secret, ssl.key.pem, ...).
+_SECRET_SETTING_WORDS = ("password", "secret", "token", "credential", "jaas")
+_SECRET_SETTINGS = frozenset({"ssl.key.pem", "sasl.oauthbearer.config"})
+
+
+def is_secret_setting(name: str) -> bool:
+    """Whether a librdkafka setting's value is a secret, never to be shown."""
+    name = name.lower()
+    return name in _SECRET_SETTINGS or any(word in name for word in _SECRET_SETTING_WORDS)
 
 
 def is_loopback_url(url: str) -> bool:
@@ -313,7 +356,7 @@ def parse_settings(
             feeds.append(FeedSettings(**args))
 
     sftp = _sftp_sources(data.get("sftp", []), feed_tables, names, env, problems)
-    metrics_args = _take(data.get("metrics", {}), MetricsSettings, "metrics", problems, set())
+    metrics_args = _metrics(data.get("metrics", {}), env, problems)
     problems.raise_if_any(source)
     return Settings(
         kafka=KafkaSettings(bootstrap_servers=str(servers), **kafka_args),
@@ -359,6 +402,9 @@ def _kafka_args(
         problems.add("kafka.producer", "must be a table of librdkafka settings")
     else:
         kafka_args["producer"] = {str(k): str(v) for k, v in producer.items()}
+        for key, value in kafka_args["producer"].items():
+            if is_secret_setting(key):
+                redact.register(value)
     _check_schema_registry(kafka_args, env, problems)
     return servers, kafka_args
 
@@ -373,6 +419,44 @@ def load_kafka_settings(
     servers, kafka_args = _kafka_args(_read_toml(path), env, bootstrap_servers, problems)
     problems.raise_if_any(str(path))
     return KafkaSettings(bootstrap_servers=str(servers), **kafka_args)
+
+
+_METRICS_SECRET_KEYS = {
+    "basic_auth_password", "basic_auth_password_env", "basic_auth_password_file",
+    "bearer_token", "bearer_token_env", "bearer_token_file",
+}  # fmt: skip
+
+
+def _metrics(table: Any, env: Mapping[str, str], problems: _Problems) -> dict[str, Any]:
+    """The [metrics] table: address, readiness limits, credentials and TLS files."""
+    if not isinstance(table, Mapping):
+        problems.add("metrics", "must be a table: [metrics]")
+        return {}
+    args = _take(table, MetricsSettings, "metrics", problems, _METRICS_SECRET_KEYS)
+    args.setdefault("host", env.get(METRICS_HOST_ENV) or DEFAULT_METRICS_HOST)
+    port = args.get("port", 9108)
+    if isinstance(port, int) and port > 65535:
+        problems.add("metrics.port", f"must be 0..65535, not {port}")
+    for prefix in ("basic_auth_password", "bearer_token"):
+        args[prefix] = _secret(table, prefix, "metrics", env, problems, in_file=False)
+    user, password = str(args.get("basic_auth_user", "")), args["basic_auth_password"]
+    if user and password is None:
+        problems.add(
+            "metrics.basic_auth_user", "has no password: set basic_auth_password_file or _env"
+        )
+    elif password is not None and not user:
+        problems.add("metrics.basic_auth_password", "has no user: set basic_auth_user")
+    elif password is not None:
+        redact.register_basic_auth(user, password.reveal())  # the Authorization header too
+    if args.get("auth_probes") and password is None and args["bearer_token"] is None:
+        problems.add("metrics.auth_probes", "needs basic_auth_user or bearer_token_file / _env")
+    cert, key = str(args.get("tls_cert_file", "")), str(args.get("tls_key_file", ""))
+    if bool(cert) != bool(key):
+        problems.add("metrics", "TLS needs both tls_cert_file and tls_key_file")
+    for name, path in (("tls_cert_file", cert), ("tls_key_file", key)):
+        if path and not Path(path).is_file():
+            problems.add(f"metrics.{name}", f"{path} is not a readable file")
+    return args
 
 
 _SFTP_SECRET_KEYS = {
@@ -488,6 +572,7 @@ def _check_sftp(
         problems.add(f"{where}.poll_interval_s", "must be more than 0")
     if not int(args.get("max_decompressed_bytes", MAX_DECOMPRESSED_BYTES)) > 0:
         problems.add(f"{where}.max_decompressed_bytes", "must be more than 0")
+    _at_least_1(args, "max_file_bytes", where, problems)
     _check_pairing(args, where, feeds, paired, problems)
 
 
@@ -580,6 +665,8 @@ def _check_schema_registry(
         problems.add("kafka.schema_registry_password", f"not in the file: {hint}")
     password = env.get(SCHEMA_REGISTRY_PASSWORD_ENV, "")
     args["schema_registry_password"] = Secret(password)
+    # The Authorization header made of it, should a registry or proxy echo it back.
+    redact.register_basic_auth(str(args.get("schema_registry_user", "")), password)
     # One URL or several, comma separated; mock:// is confluent-kafka's in-process mock (tests).
     for url in filter(None, str(args.get("schema_registry_url", "")).split(",")):
         parts = urlsplit(url.strip())
@@ -589,6 +676,13 @@ def _check_schema_registry(
             problems.add("kafka.schema_registry_url", f"must not carry credentials: {hint}")
     if args.get("schema_registry_user") and not password:
         problems.add("kafka.schema_registry_user", f"has no password: {hint}")
+
+
+def _at_least_1(args: Mapping[str, Any], key: str, where: str, problems: _Problems) -> None:
+    value = args.get(key)
+    # A value of the wrong type is reported by _take already.
+    if isinstance(value, int | float) and not isinstance(value, bool) and value < 1:
+        problems.add(f"{where}.{key}", f"must be at least 1, not {value!r}")
 
 
 def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
@@ -606,6 +700,9 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
         problems.add(f"{where}.url", "must not carry a query string: parameters are sent by us")
     if args.get("format", "csv") not in ("csv", "txt", "pipe", "json"):
         problems.add(f"{where}.format", "must be one of csv, txt (tab), pipe, json")
+    ca_file = args.get("ca_file")
+    if isinstance(ca_file, str) and ca_file and not Path(ca_file).is_file():
+        problems.add(f"{where}.ca_file", f"{ca_file} is not a readable file")
     if args.get("method", "POST") not in ("POST", "GET"):
         problems.add(f"{where}.method", "must be POST or GET")
     if args.get("callsonly") and args.get("servicesonly"):
@@ -629,6 +726,8 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
         ZoneInfo(zone)
     except (ValueError, ZoneInfoNotFoundError):
         problems.add(f"{where}.timezone", f"{zone!r} is not a time zone name (Pacific/Auckland)")
+    _at_least_1(args, "max_body_bytes", where, problems)
+    _at_least_1(args, "max_expansion_ratio", where, problems)
 
 
 def load_settings(

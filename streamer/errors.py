@@ -21,15 +21,23 @@
 
 A single bad *row* is not an exception: it becomes a `records.Rejection`, goes to
 the dead-letter topic and is counted (the "skippable" class of errors).
+
+Every message is redacted when the error is made (`streamer.redact`): an excerpt of a
+body that echoes the request never carries a password, wherever the error is shown.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from streamer.redact import redact
+
 
 class StreamerError(Exception):
-    """Root of every error cdr-streamer raises on purpose."""
+    """Root of every error cdr-streamer raises on purpose; its text never holds a secret."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class FatalError(StreamerError):

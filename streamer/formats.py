@@ -44,7 +44,9 @@ Decisions the provider's spec leaves open:
   documented key is ``missing_field``; an element that is not an object, or a
   field holding an object or array, is ``bad_json``.  A syntax error inside the
   array, or data after its ``]``, fails the whole body (``bad_json``): there is
-  no way to find the next element again.
+  no way to find the next element again.  A first element that is an object
+  with keys but none of the documented ones (``[{"error": ...}]``) is no feed
+  response at all (``not_feed``): an error object, which may echo the request.
 
 `BadResponseError` is raised when the problem is detected, so rows before it
 have already been yielded; the caller must not advance its cursor past a body
@@ -66,6 +68,7 @@ from typing import Any
 
 from streamer.errors import BadResponseError
 from streamer.records import FIELDS, Rejection, Row
+from streamer.redact import excerpt
 
 FORMATS: dict[str, str] = {"csv": ",", "txt": "\t", "pipe": "|"}
 FORMAT_NAMES: tuple[str, ...] = ("csv", "txt", "pipe", "json")
@@ -73,7 +76,7 @@ FORMAT_NAMES: tuple[str, ...] = ("csv", "txt", "pipe", "json")
 # Far above any billing row (a few hundred characters), far below trouble.
 MAX_RECORD_CHARS = 1 << 20
 
-_EXCERPT_CHARS = 80
+_EXCERPT_CHARS = 80  # error messages show this much of a body; streamer.redact knows the cut
 # surrogateescape turns each undecodable byte into U+DC80..U+DCFF; a JSON \u escape
 # can give any lone surrogate.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -104,10 +107,9 @@ def parse_rows(chunks: Iterable[bytes], fmt: str) -> Iterator[Row | Rejection]:
     return _parse_delimited(chunks, delimiter)
 
 
-def _excerpt(text: str) -> str:
-    """The start of `text`, quoted and escaped so it is printable in a message."""
-    more = "..." if len(text) > _EXCERPT_CHARS else ""
-    return repr(text[:_EXCERPT_CHARS]) + more
+def _excerpt(text: str, start: int = 0) -> str:
+    """`text` from `start`, quoted, escaped and cut short for a message (`...` marks a cut)."""
+    return excerpt(text, start, _EXCERPT_CHARS)
 
 
 def _replaced(text: str) -> str:
@@ -382,7 +384,7 @@ class _JsonText:
 
     def excerpt(self, before: int = 0) -> str:
         """The text from `before` characters ahead of `pos`, for a message."""
-        return _excerpt(self.buf[max(0, self.pos - before) :])
+        return _excerpt(self.buf, max(0, self.pos - before))
 
 
 def _cut_short(exc: json.JSONDecodeError, buf: str) -> bool:
@@ -427,6 +429,11 @@ def _json_text(value: object) -> str:
     if value is False:
         return "0"
     raise _NotAValueError(_json_kind(value))
+
+
+def _has_a_field(obj: dict[str, Any]) -> bool:
+    """Whether a JSON object has any documented key (matched as `_json_row` matches)."""
+    return any(key.strip().lower() in _BY_LOWER_NAME for key in obj)
 
 
 def _json_row(element: object, raw: str) -> Row | Rejection:
@@ -475,11 +482,12 @@ def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
     char = text.next_char()
     if char == "]":
         text.pos += 1
+    first_element = True
     while char != "]":
         if char is None:
             raise BadResponseError(
                 f"truncated response: the JSON array is not closed, the body ends with "
-                f"{_excerpt(text.buf[-_EXCERPT_CHARS:])}",
+                f"{_excerpt(text.buf, max(0, len(text.buf) - _EXCERPT_CHARS))}",
                 reason="truncated",
             )
         try:
@@ -487,7 +495,7 @@ def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
         except json.JSONDecodeError as exc:
             if not _cut_short(exc, text.buf):
                 raise BadResponseError(
-                    f"bad JSON: {exc.msg} at {_excerpt(text.buf[max(text.pos, exc.pos - 40) :])}",
+                    f"bad JSON: {exc.msg} at {_excerpt(text.buf, max(text.pos, exc.pos - 40))}",
                     reason="bad_json",
                 ) from exc
             # Each retry decodes the element from its start, so wait for it to double:
@@ -518,6 +526,15 @@ def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
             raise _too_long(text.buf[text.pos : end])
         raw = text.buf[text.pos : end]
         text.pos = end
+        if first_element and type(element) is dict and element and not _has_a_field(element):
+            # {"error": ..., "request": {...}}: an error object, often echoing the
+            # request (and its password), not a billing row to dead-letter.
+            raise BadResponseError(
+                "not a billing feed response: the first element has none of the documented "
+                f"fields: {_excerpt(raw)}",
+                reason="not_feed",
+            )
+        first_element = False
         yield _json_row(element, raw)
         char = text.next_char()
         if char == ",":

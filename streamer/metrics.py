@@ -92,6 +92,8 @@ REQUEST_OUTCOMES = (
     "timeout",
     "connection_error",
     "bad_response",
+    "too_large",  # decoded body over max_body_bytes
+    "too_compressed",  # compressed body expanding over max_expansion_ratio
 )
 KNOWN_OUTCOMES = frozenset({*REQUEST_OUTCOMES, "error"})
 KNOWN_REASONS = frozenset(REASONS)
@@ -169,7 +171,7 @@ class Metrics:
         self.requests = Counter(
             f"{PREFIX}_feed_requests_total",
             "Feed requests by outcome: ok, auth_error, http_5xx, http_429, http_4xx, timeout, "
-            "connection_error, bad_response.",
+            "connection_error, bad_response, too_large, too_compressed.",
             ["feed", "outcome"],
             registry=registry,
         )
@@ -275,6 +277,13 @@ class Metrics:
             ["feed"],
             registry=registry,
         )
+        self.poll_started = Gauge(
+            f"{PREFIX}_poll_started_timestamp_seconds",
+            "When the poll in progress began (Unix time); 0 between polls. A stuck poll "
+            "shows as an old value.",
+            ["feed"],
+            registry=registry,
+        )
         self.poll_interval = Gauge(
             f"{PREFIX}_feed_poll_interval_seconds",
             "The feed's configured poll interval (for alerts on stalled feeds).",
@@ -357,6 +366,7 @@ class FeedMetrics:
         self.source = source
         self._newest_event_s = 0.0
         self._failing_since_s = 0.0
+        self._poll_started_s = 0.0
         self.last_error = ""  # the error class of the last failed poll
         self.kafka: KafkaStats | None = None  # the producer's latest librdkafka statistics
         self._kafka_poll: Callable[[], object] | None = None
@@ -366,6 +376,7 @@ class FeedMetrics:
         self.last_success = m.last_success.labels(feed)
         self.last_failure = m.last_failure.labels(feed)
         self.failing_since = m.failing_since.labels(feed)
+        self.poll_started = m.poll_started.labels(feed)
         self.newest_event = m.newest_event.labels(feed)
         self.feed_up = m.feed_up.labels(feed)
         self.delivery_errors = m.delivery_errors.labels(feed)
@@ -460,6 +471,21 @@ class FeedMetrics:
         if not self._failing_since_s:
             self._failing_since_s = now
             self.failing_since.set(now)
+
+    def poll_began(self, now: float | None = None) -> None:
+        """A poll starts: until `poll_ended`, its age shows on /readyz and in metrics."""
+        self._poll_started_s = time.time() if now is None else now
+        self.poll_started.set(self._poll_started_s)
+
+    def poll_ended(self) -> None:
+        self._poll_started_s = 0.0
+        self.poll_started.set(0)
+
+    def polling_for_s(self, now: float | None = None) -> float:
+        """How long the poll in progress has been running; 0 between polls."""
+        if not self._poll_started_s:
+            return 0.0
+        return max(0.0, (time.time() if now is None else now) - self._poll_started_s)
 
     def failing_for_s(self, now: float | None = None) -> float:
         """How long the feed's polls have been failing; 0 while the last one succeeded."""

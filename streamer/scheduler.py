@@ -52,6 +52,7 @@ class Runner(ABC):
         With `once`, `max_failures` retriable errors in a row end the run (recorded in `error`).
         """
         label = f"{self.kind} {self.name}"
+        self.metrics.poll_began()
         try:
             delay = self._poll(once=once)
         except FatalError as exc:
@@ -82,6 +83,8 @@ class Runner(ABC):
             self.metrics.feed_up.set(0)
             self.error = exc
             return None
+        finally:
+            self.metrics.poll_ended()
         self.backoff.reset()
         self._failures = 0
         return delay

@@ -11,15 +11,20 @@ What a response means is decided here, once:
 - Connection trouble, timeouts, 5xx, 429: `FeedUnavailableError`, retried here with
   capped exponential backoff and full jitter (429's Retry-After is honoured).
 - Any other 4xx: `FeedRequestError` (fatal, the message says what to fix).
+- A body over `BodyLimits` (decoded size, compression ratio): `BadResponseError`
+  (`too_large`, `too_compressed`); one that outlasts `request_deadline_s`, counted from
+  the connect to the last byte: `FeedUnavailableError` (timeout).
 
 The password is sent in the POST body by default. With GET it must be in the
-query string (that is the provider's API), so httpx's own log lines are redacted.
+query string (that is the provider's API); `streamer.redact` removes it from every
+log line (httpx's own included) and every error message, as it does every secret.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +38,7 @@ import httpx
 
 from streamer import __version__
 from streamer.config import Secret
+from streamer.deadline import RequestDeadline
 from streamer.errors import (
     AuthError,
     BadResponseError,
@@ -40,7 +46,9 @@ from streamer.errors import (
     FeedUnavailableError,
 )
 from streamer.formats import FORMATS, parse_rows
+from streamer.limits import ACCEPT_ENCODING, BodyLimits, decode_content
 from streamer.records import FIELDS, Rejection, Row
+from streamer.redact import excerpt
 from streamer.retry import Backoff, retry_after_s
 
 log = logging.getLogger(__name__)
@@ -55,23 +63,6 @@ _AUTH_TEXT = re.compile(
 _AUTH_SNIFF_BYTES = 512
 _HTML_START = re.compile(rb"\s*(<!doctype html|<html|<head|<body|<\?xml|<!--)", re.IGNORECASE)
 _PASSWORD_FORM = re.compile(rb"type=[\"']?password", re.IGNORECASE)
-_PASSWORD_IN_URL = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
-
-
-class _RedactPasswords(logging.Filter):
-    """Removes `password=...` from httpx's request log lines (GET puts it in the URL)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.args:
-            record.msg = _PASSWORD_IN_URL.sub(r"\1***", record.getMessage())
-            record.args = ()
-        elif isinstance(record.msg, str):
-            record.msg = _PASSWORD_IN_URL.sub(r"\1***", record.msg)
-        return True
-
-
-for _name in ("httpx", "httpcore"):
-    logging.getLogger(_name).addFilter(_RedactPasswords())
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +119,8 @@ class FeedClient:
         backoff: Backoff | None = None,
         stop: threading.Event | None = None,
         on_request: Callable[[str, float, int], None] | None = None,
+        limits: BodyLimits | None = None,
+        ca_file: str = "",
         transport: httpx.BaseTransport | None = None,
         name: str = "",
     ) -> None:
@@ -140,14 +133,25 @@ class FeedClient:
         self.timeouts = timeouts or FeedTimeouts()
         self.max_attempts = max_attempts
         self.backoff = backoff or Backoff(1.0, 300.0)
+        self.limits = limits or BodyLimits()
         self._stop = stop or threading.Event()
         # Called once per request with (outcome, seconds, bytes received): metrics hook.
         self._on_request = on_request or (lambda outcome, seconds, nbytes: None)
         self._where = urlsplit(url).path or "/"  # errors name the path, never the query
+        t = self.timeouts
         self._http = httpx.Client(
-            timeout=httpx.Timeout(self.timeouts.read_s, connect=self.timeouts.connect_s),
-            headers={"User-Agent": f"cdr-streamer/{__version__}"},
+            timeout=httpx.Timeout(t.read_s, connect=min(t.connect_s, t.deadline_s)),
+            # The body is decoded here, within self.limits (streamer/limits.py).
+            headers={
+                "User-Agent": f"cdr-streamer/{__version__}",
+                "Accept-Encoding": ACCEPT_ENCODING,
+            },
             follow_redirects=False,
+            # A new connection per request: RequestDeadline watches the one it sees opened.
+            limits=httpx.Limits(max_keepalive_connections=0),
+            # Certificates are always checked: against ca_file if given, else the
+            # public CAs (certifi's, or SSL_CERT_FILE / SSL_CERT_DIR).
+            verify=ssl.create_default_context(cafile=ca_file) if ca_file else True,
             transport=transport,
         )
 
@@ -157,12 +161,15 @@ class FeedClient:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, fromid: int, query: FeedQuery | None = None) -> httpx.Request:
+    def _request(
+        self, fromid: int, deadline: RequestDeadline, query: FeedQuery | None = None
+    ) -> httpx.Request:
         params = {"login": self.login, "password": self._password.reveal(), "fromid": str(fromid)}
         params.update((query or self.query).params())
+        extensions = {"trace": deadline.trace}
         if self.method == "POST":
-            return self._http.build_request("POST", self.url, data=params)
-        return self._http.build_request("GET", self.url, params=params)
+            return self._http.build_request("POST", self.url, data=params, extensions=extensions)
+        return self._http.build_request("GET", self.url, params=params, extensions=extensions)
 
     @contextmanager
     def fetch(
@@ -180,9 +187,12 @@ class FeedClient:
         while True:
             attempt += 1
             started = time.monotonic()
+            deadline = RequestDeadline(self.timeouts.deadline_s)
+            deadline.start()
             try:
-                response = self._open(fromid, window)
+                response = self._open(fromid, deadline, window)
             except FeedUnavailableError as exc:
+                deadline.cancel()
                 self._on_request(_outcome_of(exc), time.monotonic() - started, 0)
                 if attempt >= self.max_attempts or self._stop.is_set():
                     raise
@@ -199,22 +209,26 @@ class FeedClient:
                     raise
                 continue
             except Exception as exc:
+                deadline.cancel()
                 self._on_request(_outcome_of(exc), time.monotonic() - started, 0)
                 raise
             break
         counter = _ByteCounter()
         outcome = "ok"
         try:
-            yield parse_rows(self._body(response, started, counter), self.query.format)
+            yield parse_rows(self._body(response, deadline, counter), self.query.format)
         except Exception as exc:
             outcome = _outcome_of(exc)
             raise
         finally:
+            deadline.cancel()
             response.close()
             self._on_request(outcome, time.monotonic() - started, counter.n)
 
-    def _open(self, fromid: int, window: FeedQuery | None = None) -> httpx.Response:
-        request = self._request(fromid, window)
+    def _open(
+        self, fromid: int, deadline: RequestDeadline, window: FeedQuery | None = None
+    ) -> httpx.Response:
+        request = self._request(fromid, deadline, window)
         try:
             response = self._http.send(request, stream=True)
         except httpx.TimeoutException as exc:
@@ -222,12 +236,10 @@ class FeedClient:
                 f"timed out reaching {self._where}", outcome="timeout"
             ) from exc
         except httpx.TransportError as exc:
+            if deadline.expired:  # the deadline shut the socket down under the headers
+                raise self._overdue() from exc
             raise FeedUnavailableError(
                 f"cannot reach {self._where}: {type(exc).__name__}: {exc}"
-            ) from exc
-        except httpx.DecodingError as exc:
-            raise BadResponseError(
-                f"{self._where} sent a body that cannot be decoded: {exc}", reason="bad_encoding"
             ) from exc
         status = response.status_code
         if status == 200:
@@ -254,13 +266,25 @@ class FeedClient:
             "format, date and hour settings"
         )
 
+    def _overdue(self) -> FeedUnavailableError:
+        return FeedUnavailableError(
+            f"{self._where} took longer than {self.timeouts.deadline_s:g} s "
+            "(request_deadline_s, from connect to the last byte)",
+            outcome="timeout",
+        )
+
     def _body(
-        self, response: httpx.Response, started: float, counter: _ByteCounter
+        self, response: httpx.Response, deadline: RequestDeadline, counter: _ByteCounter
     ) -> Iterator[bytes]:
         """The body's bytes as they arrive, after checking its start is not an error page."""
-        deadline = started + self.timeouts.deadline_s
-        # iter_bytes, not iter_raw: a gzip or deflate Content-Encoding is undone here.
-        chunks = response.iter_bytes()
+        # Raw bytes, the Content-Encoding undone by us within self.limits: httpx would
+        # undo it a whole chunk at a time, however far that chunk expands.
+        chunks = decode_content(
+            response.iter_raw(),
+            response.headers.get("Content-Encoding", ""),
+            self.limits,
+            where=self._where,
+        )
         head = b""
         try:
             # Step 1: hold back the first bytes until we know this is not an error text.
@@ -269,32 +293,33 @@ class FeedClient:
                 head += chunk
                 if len(head) >= _AUTH_SNIFF_BYTES:
                     break
+            if deadline.expired:
+                raise self._overdue()
             self._sniff(head, complete=len(head) < _AUTH_SNIFF_BYTES)
             if head:
                 yield head
-            # Step 2: stream the rest, enforcing the request's total deadline.
+            # Step 2: stream the rest; the deadline shuts the socket down when it passes.
             for chunk in chunks:
                 counter.n += len(chunk)
-                if time.monotonic() > deadline:
-                    raise FeedUnavailableError(
-                        f"{self._where} took longer than {self.timeouts.deadline_s:g} s",
-                        outcome="timeout",
-                    )
+                if deadline.expired:
+                    raise self._overdue()
                 yield chunk
+            if deadline.expired:  # a body without a length ends where the shutdown cut it
+                raise self._overdue()
         except httpx.TimeoutException as exc:
             raise FeedUnavailableError(
                 f"timed out reading {self._where}", outcome="timeout"
             ) from exc
         except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            if deadline.expired:
+                raise self._overdue() from exc
             # An incomplete body (Content-Length not reached, chunked stream cut off).
             raise BadResponseError(
                 f"{self._where} sent a truncated body after {counter.n} bytes", reason="truncated"
             ) from exc
-        except httpx.DecodingError as exc:  # e.g. a corrupt gzip Content-Encoding
-            raise BadResponseError(
-                f"{self._where} sent a body that cannot be decoded: {exc}", reason="bad_encoding"
-            ) from exc
         except httpx.TransportError as exc:
+            if deadline.expired:
+                raise self._overdue() from exc
             raise FeedUnavailableError(
                 f"lost {self._where} while reading: {type(exc).__name__}"
             ) from exc
@@ -312,12 +337,12 @@ class FeedClient:
         refused = complete and not is_html and not self._looks_like_feed(text)
         if refused and _AUTH_TEXT.search(text):
             raise AuthError(
-                f"{self._where} refused login {self.login!r}: {self._shown(text)!r}: "
+                f"{self._where} refused login {self.login!r}: {_shown(text)}: "
                 "check the login and password"
             )
         if is_html:
             raise BadResponseError(
-                f"{self._where} answered with an HTML page, not a feed: {self._shown(text)!r}",
+                f"{self._where} answered with an HTML page, not a feed: {_shown(text)}",
                 reason="html",
             )
 
@@ -329,11 +354,6 @@ class FeedClient:
         first_line = text.split(b"\n", 1)[0]
         return first_line.count(delimiter) >= len(FIELDS) - 2
 
-    def _shown(self, text: bytes) -> str:
-        """The start of a body for an error message, never the password (if echoed back)."""
-        shown, password = _printable(text), self._password.reveal()
-        return shown.replace(password, "***") if password else shown
-
 
 class _ByteCounter:
     __slots__ = ("n",)
@@ -342,9 +362,9 @@ class _ByteCounter:
         self.n = 0
 
 
-def _printable(data: bytes, limit: int = 80) -> str:
-    text = data[:limit].decode("utf-8", "replace")
-    return "".join(c if c.isprintable() else " " for c in text).strip()
+def _shown(data: bytes) -> str:
+    """The start of a body for an error message (a password in it is redacted with it)."""
+    return excerpt(data.decode("utf-8", "replace").strip())
 
 
 def _path_of(response: httpx.Response) -> str:
@@ -359,7 +379,7 @@ def _outcome_of(exc: BaseException) -> str:
     if isinstance(exc, AuthError):
         return "auth_error"
     if isinstance(exc, BadResponseError):
-        return "bad_response"
+        return exc.reason if exc.reason in ("too_large", "too_compressed") else "bad_response"
     if isinstance(exc, FeedRequestError):
         return "http_4xx"
     return "error"

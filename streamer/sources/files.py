@@ -76,6 +76,7 @@ from streamer.errors import (
     SftpUnavailableError,
 )
 from streamer.formats import parse_rows
+from streamer.limits import DEFAULT_MAX_BYTES, capped
 from streamer.metrics import SftpSourceMetrics
 from streamer.pipeline import Commit, Drive
 from streamer.publisher import Publisher
@@ -299,6 +300,7 @@ class FileCollector:
         feed_cursor: Callable[[], int] | None = None,
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_file_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if exactly_once and not isinstance(cursor_store, JsonKafkaCursorStore):
             raise TypeError("exactly-once needs the cursor in Kafka")
@@ -320,6 +322,7 @@ class FileCollector:
         self.feed_cursor = feed_cursor
         self.stop = stop or threading.Event()
         self.tracker = SettleTracker(settle_s, clock)
+        self.max_file_bytes = max_file_bytes
         self._committed: FileCursor | None = None
 
     def close(self) -> None:
@@ -457,10 +460,12 @@ class FileCollector:
                         f"cannot tell the format of {f.name} from its extension: set format",
                         reason="unknown_format",
                     )
-                content = decompressed(
-                    session.read(self._path(f.name), count_bytes), f.name,
-                    max_bytes=self.max_decompressed_bytes,
+                # A file over max_file_bytes is not a feed file: quarantined like any other.
+                data = capped(
+                    session.read(self._path(f.name), count_bytes), self.max_file_bytes,
+                    where=f.name, setting="max_file_bytes",
                 )  # fmt: skip
+                content = decompressed(data, f.name, max_bytes=self.max_decompressed_bytes)
                 rows = parse_rows(content, fmt)
                 # Rows confirmed before a restart are not handed on again.
                 drive.run(itertools.islice(rows, start, None))

@@ -38,6 +38,7 @@ from helpers import (
 
 from streamer.config import Secret
 from streamer.errors import AuthError, ConfigError, HostKeyError
+from streamer.records import FIELDS
 from streamer.simulator import BillingFeedSimulator, write_files
 from streamer.sources.sftp import SftpServer
 
@@ -229,10 +230,14 @@ def test_malformed_file_is_quarantined_while_the_others_go_on(
     good = write_files(files_config(6), directory, cadence="hourly", fmt="json", upto_id=360)
     (directory / "cdr_20240301_0030.csv").write_text("this is not\na CDR file\n")
     (directory / "cdr_20240301_0130.json").write_text('[{"ID": "1", "AccountCode": "8')
+    # Over max_file_bytes (each good file is far smaller): set aside like a malformed one.
+    cap = 100_000
+    assert max(p.stat().st_size for p in good) < cap
+    (directory / "cdr_20240301_0230.csv").write_text(",".join(FIELDS) + "\n" * (2 * cap))
     config = write_config(
         tmp_path / "config.toml", bootstrap=kafka_bootstrap, topic=topic_name, feeds=[],
         sftp=[source(ssh, directory, tmp_path, password_file, after="move:done",
-                     quarantine_dir="quarantine")],
+                     quarantine_dir="quarantine", max_file_bytes=cap)],
     )  # fmt: skip
     done = run_streamer("run", "--config", str(config), "--once", timeout_s=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -245,9 +250,12 @@ def test_malformed_file_is_quarantined_while_the_others_go_on(
     assert sorted((d["reason"], d["file"], d["source"]) for d in dead) == [
         ("bad_file", "cdr_20240301_0030.csv", "sftp"),
         ("bad_file", "cdr_20240301_0130.json", "sftp"),
+        ("bad_file", "cdr_20240301_0230.csv", "sftp"),
     ]
+    (too_big,) = [d for d in dead if d["file"] == "cdr_20240301_0230.csv"]
+    assert f"holds more than {cap} bytes (max_file_bytes)" in too_big["detail"]
     assert sorted(p.name for p in (directory / "quarantine").iterdir()) == [
-        "cdr_20240301_0030.csv", "cdr_20240301_0130.json",
+        "cdr_20240301_0030.csv", "cdr_20240301_0130.json", "cdr_20240301_0230.csv",
     ]  # fmt: skip
     assert sorted(p.name for p in (directory / "done").iterdir()) == [p.name for p in good]
     assert not list(directory.glob("cdr_*"))

@@ -691,3 +691,14 @@ def test_every_cut_of_a_body_is_rows_then_at_most_truncated(fmt: str, body: byte
         else:
             assert error.reason == "truncated", (cut, error)
         assert got[:-1] == expected[: len(got[:-1])], cut
+
+
+def test_a_first_json_element_without_any_documented_field_is_no_feed_response() -> None:
+    body = b'[{"error": "unsupported request", "request": {"login": "81234567"}}]'
+    with pytest.raises(BadResponseError, match="none of the documented fields") as info:
+        list(parse_rows([body], "json"))
+    assert info.value.reason == "not_feed"
+    # An element with some documented keys is a row missing the others, as before.
+    (rejection,) = list(parse_rows([b'[{"id": "7", "error": "x"}]'], "json"))
+    assert isinstance(rejection, Rejection)
+    assert rejection.reason == "missing_field"
