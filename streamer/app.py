@@ -125,6 +125,7 @@ def _build_pipeline(
         backoff=Backoff(feed.backoff_base_s, feed.backoff_max_s),
         stop=stop,
         on_request=feed_metrics.request,
+        encoding=feed.encoding,
     )
     k = settings.kafka
     transactional_id = f"{k.transactional_id_prefix}-{feed.name}" if exactly_once else None
@@ -282,6 +283,7 @@ def _build_sftp(
         directory=source.directory,
         pattern=source.pattern,
         fmt=source.format,
+        encoding=source.encoding,
         settle_s=source.settle_s,
         after=source.after,
         quarantine_dir=source.quarantine_dir,

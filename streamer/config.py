@@ -29,6 +29,9 @@ DEFAULT_PASSWORD_ENV = "CDR_FEED_PASSWORD"  # noqa: S105 - the variable's name, 
 SCHEMA_REGISTRY_PASSWORD_ENV = "CDR_SCHEMA_REGISTRY_PASSWORD"  # noqa: S105 - likewise
 
 FeedFormat = Literal["csv", "txt", "pipe", "json"]
+# The body's encoding; auto: UTF-8, and a row that is not UTF-8 is read as cp1252.
+Encoding = Literal["utf-8", "cp1252", "latin-1", "auto"]
+ENCODING_NAMES: tuple[str, ...] = ("utf-8", "cp1252", "latin-1", "auto")
 SftpFormat = Literal["auto", "csv", "txt", "pipe", "json"]
 AfterAction = Literal["keep", "delete", "move"]
 Delivery = Literal["at_least_once", "exactly_once"]
@@ -67,6 +70,7 @@ class FeedSettings:
     login: str
     password: Secret
     format: FeedFormat = "csv"
+    encoding: Encoding = "utf-8"
     method: Literal["POST", "GET"] = "POST"
     callsonly: bool = False
     servicesonly: bool = False
@@ -147,6 +151,7 @@ class SftpSettings:
     directory: str = "."
     pattern: str = "cdr_*"  # a glob on file names
     format: SftpFormat = "auto"  # auto: from the extension (.csv, .txt/.tsv, .pipe/.psv, .json)
+    encoding: Encoding = "utf-8"
     settle_s: float = 60.0  # a file is complete once unchanged across listings this long
     poll_interval_s: float = 60.0
     after: str = "keep"  # keep, delete, or move:DIR (relative to directory)
@@ -451,6 +456,7 @@ def _check_sftp(
         problems.add(f"{where}.port", f"must be 1..65535, not {port}")
     if args.get("format", "auto") not in ("auto", "csv", "txt", "pipe", "json"):
         problems.add(f"{where}.format", "must be one of auto, csv, txt (tab), pipe, json")
+    _check_encoding(args, where, problems)
     try:
         parse_after(str(args.get("after", "keep")))
     except ValueError as exc:
@@ -497,6 +503,25 @@ def _check_schema_registry(
         problems.add("kafka.schema_registry_user", f"has no password: {hint}")
 
 
+# Other spellings of the same codecs, as Python and the WHATWG encoding standard know them.
+_ENCODING_ALIASES = {
+    "utf8": "utf-8", "windows-1252": "cp1252", "latin1": "latin-1", "iso-8859-1": "latin-1",
+}  # fmt: skip
+
+
+def _check_encoding(args: dict[str, Any], where: str, problems: _Problems) -> None:
+    encoding = str(args.get("encoding", "utf-8")).strip().lower()
+    encoding = _ENCODING_ALIASES.get(encoding, encoding)
+    if encoding not in ENCODING_NAMES:
+        problems.add(
+            f"{where}.encoding",
+            "must be one of utf-8, cp1252 (Windows-1252), latin-1 (ISO-8859-1), or auto "
+            "(UTF-8, and a row that is not UTF-8 read as cp1252)",
+        )
+    elif "encoding" in args:
+        args["encoding"] = encoding
+
+
 def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
     url = str(args.get("url", ""))
     parts = urlsplit(url)
@@ -512,6 +537,7 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
         problems.add(f"{where}.url", "must not carry a query string: parameters are sent by us")
     if args.get("format", "csv") not in ("csv", "txt", "pipe", "json"):
         problems.add(f"{where}.format", "must be one of csv, txt (tab), pipe, json")
+    _check_encoding(args, where, problems)
     if args.get("method", "POST") not in ("POST", "GET"):
         problems.add(f"{where}.method", "must be POST or GET")
     if args.get("callsonly") and args.get("servicesonly"):

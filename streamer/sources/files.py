@@ -284,6 +284,7 @@ class FileCollector:
         sftp_metrics: SftpSourceMetrics,
         pattern: str = "*",
         fmt: str = "auto",
+        encoding: str = "utf-8",
         settle_s: float = 60.0,
         after: str = "keep",
         quarantine_dir: str = "",
@@ -300,6 +301,7 @@ class FileCollector:
         self.directory = directory
         self.pattern = pattern
         self.fmt = fmt
+        self.encoding = encoding  # of the files: one of formats.ENCODINGS
         self.after, self.after_dir = parse_after(after)
         self.quarantine_dir = quarantine_dir
         self.sink = sink
@@ -449,7 +451,7 @@ class FileCollector:
                         f"cannot tell the format of {f.name} from its extension: set format",
                         reason="unknown_format",
                     )
-                rows = parse_rows(session.read(self._path(f.name), count_bytes), fmt)
+                rows = parse_rows(session.read(self._path(f.name), count_bytes), fmt, self.encoding)
                 # Rows confirmed before a restart are not handed on again.
                 drive.run(itertools.islice(rows, start, None))
             except FileNotFoundError:
