@@ -156,6 +156,7 @@ def _build_pipeline(
         name=feed.name,
         limits=BodyLimits(feed.max_body_bytes, feed.max_expansion_ratio),
         ca_file=feed.ca_file,
+        encoding=feed.encoding,
     )
     k = settings.kafka
     transactional_id = f"{k.transactional_id_prefix}-{feed.name}" if exactly_once else None
@@ -314,6 +315,7 @@ def _build_sftp(
         directory=source.directory,
         pattern=source.pattern,
         fmt=source.format,
+        encoding=source.encoding,
         settle_s=source.settle_s,
         after=source.after,
         quarantine_dir=source.quarantine_dir,

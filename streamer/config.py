@@ -37,6 +37,9 @@ METRICS_HOST_ENV = "CDR_METRICS_HOST"
 DEFAULT_METRICS_HOST = "127.0.0.1"
 
 FeedFormat = Literal["csv", "txt", "pipe", "json"]
+# The body's encoding; auto: UTF-8, and a row that is not UTF-8 is read as cp1252.
+Encoding = Literal["utf-8", "cp1252", "latin-1", "auto"]
+ENCODING_NAMES: tuple[str, ...] = ("utf-8", "cp1252", "latin-1", "auto")
 SftpFormat = Literal["auto", "csv", "txt", "pipe", "json"]
 FileProtocol = Literal["sftp", "ftp", "ftps"]
 FILE_PROTOCOL_PORTS: Mapping[str, int] = {"sftp": 22, "ftp": 21, "ftps": 21, "ftps-implicit": 990}
@@ -82,6 +85,7 @@ class FeedSettings:
     login: str
     password: Secret
     format: FeedFormat = "csv"
+    encoding: Encoding = "utf-8"
     method: Literal["POST", "GET"] = "POST"
     callsonly: bool = False
     servicesonly: bool = False
@@ -189,6 +193,7 @@ class SftpSettings:
     directory: str = "."
     pattern: str = "cdr_*"  # a glob on file names
     format: SftpFormat = "auto"  # auto: from the extension (.csv, .txt/.tsv, .pipe/.psv, .json)
+    encoding: Encoding = "utf-8"
     settle_s: float = 60.0  # a file is complete once unchanged across listings this long
     poll_interval_s: float = 60.0
     after: str = "keep"  # keep, delete, or move:DIR (relative to directory)
@@ -564,6 +569,7 @@ def _check_sftp(
         args["port"] = FILE_PROTOCOL_PORTS.get("ftps-implicit" if implicit else protocol, 22)
     if args.get("format", "auto") not in ("auto", "csv", "txt", "pipe", "json"):
         problems.add(f"{where}.format", "must be one of auto, csv, txt (tab), pipe, json")
+    _check_encoding(args, where, problems)
     try:
         parse_after(str(args.get("after", "keep")))
     except ValueError as exc:
@@ -685,6 +691,25 @@ def _at_least_1(args: Mapping[str, Any], key: str, where: str, problems: _Proble
         problems.add(f"{where}.{key}", f"must be at least 1, not {value!r}")
 
 
+# Other spellings of the same codecs, as Python and the WHATWG encoding standard know them.
+_ENCODING_ALIASES = {
+    "utf8": "utf-8", "windows-1252": "cp1252", "latin1": "latin-1", "iso-8859-1": "latin-1",
+}  # fmt: skip
+
+
+def _check_encoding(args: dict[str, Any], where: str, problems: _Problems) -> None:
+    encoding = str(args.get("encoding", "utf-8")).strip().lower()
+    encoding = _ENCODING_ALIASES.get(encoding, encoding)
+    if encoding not in ENCODING_NAMES:
+        problems.add(
+            f"{where}.encoding",
+            "must be one of utf-8, cp1252 (Windows-1252), latin-1 (ISO-8859-1), or auto "
+            "(UTF-8, and a row that is not UTF-8 read as cp1252)",
+        )
+    elif "encoding" in args:
+        args["encoding"] = encoding
+
+
 def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
     url = str(args.get("url", ""))
     parts = urlsplit(url)
@@ -703,6 +728,7 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
     ca_file = args.get("ca_file")
     if isinstance(ca_file, str) and ca_file and not Path(ca_file).is_file():
         problems.add(f"{where}.ca_file", f"{ca_file} is not a readable file")
+    _check_encoding(args, where, problems)
     if args.get("method", "POST") not in ("POST", "GET"):
         problems.add(f"{where}.method", "must be POST or GET")
     if args.get("callsonly") and args.get("servicesonly"):

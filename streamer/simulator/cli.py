@@ -29,7 +29,8 @@ _HELP = {
     "malformed_rate": "share of rows written broken (bad date, bad ID, wrong field count...)",
     "status_fault_from_id": "every call from this CDR ID on ends Busy or Unallocated (0: never)",
     "unsorted": "shuffle rows within each response",
-    "auth_failure_style": "how a wrong password is answered: text200 is the hardest case",
+    "auth_failure_style": "how a wrong password is answered: text200 (plain text, status 200) "
+    "is the hardest case; html200 the same text in an HTML page",
     "transfer": "body framing: Content-Length, chunked, or close-delimited",
     "login": "the login to accept",
     "host": "address to listen on",
@@ -46,7 +47,14 @@ _HELP = {
     "line_ending": "line ending of delimited formats",
     "bom": "start the body with a UTF-8 byte order mark",
     "quote_all": "quote every field, not only those that need it",
-    "empty_style": "body when there are no records: empty, or the header row only",
+    "empty_style": "answer when there are no records: an empty body, the header row only, "
+    "HTTP 204 (no_content), the text 'No records found' (text), or JSON null (null)",
+    "encoding": "encoding of csv/txt/pipe bodies and files (macron vowels, which cp1252 and "
+    "Latin-1 lack, written with a diaeresis)",
+    "broken_row_ids": "IDs written broken on every request: a JSON element missing a comma, "
+    "a delimited row with an opening quote that never closes",
+    "long_row_ids": "IDs whose TextDesc1 is --long-row-chars characters long",
+    "long_row_chars": "length of those TextDesc1 values",
     "batch_rows": "rows written to the socket at a time",
     "prerender": "render the backlog once at start in this format and serve it from memory "
     "(benchmarks: serving is then no bottleneck)",
@@ -96,9 +104,19 @@ def _add_config_flags(parser: argparse.ArgumentParser, wanted: Callable[[str], b
             kwargs.update(choices=["lf", "crlf"], default="lf", type=str, metavar=None)
         elif f.name == "max_rows":
             kwargs["type"] = int
+        elif typing.get_origin(hint) is tuple:
+            kwargs.update(type=_id_list, metavar="ID[,ID...]")
         else:
             kwargs["type"] = type(f.default)
         parser.add_argument(flag, *_ALIASES.get(f.name, []), dest=f"sim_{f.name}", **kwargs)
+
+
+def _id_list(text: str) -> tuple[int, ...]:
+    """'5,17' -> (5, 17), for flags that name CDR IDs."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of IDs: {text!r}") from None
 
 
 def config_from_args(args: argparse.Namespace, env: typing.Mapping[str, str]) -> SimulatorConfig:
@@ -124,7 +142,8 @@ _FILE_FLAGS = frozenset(
     {
         "seed", "backlog", "mean_gap_s", "jitter_s", "accounts", "malformed_rate",
         "status_fault_from_id", "header", "date_style", "datetime_style", "json_numbers",
-        "json_pretty", "line_ending", "bom", "quote_all",
+        "json_pretty", "line_ending", "bom", "quote_all", "encoding", "broken_row_ids",
+        "long_row_ids", "long_row_chars",
     }
 )  # fmt: skip
 

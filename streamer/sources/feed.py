@@ -3,11 +3,14 @@
 What a response means is decided here, once:
 
 - 200 with rows, or with one of the "no records" bodies the format parser accepts
-  (empty, header only, `[]`): a page of the feed.
-- 200 with a short text about a wrong login or password, 401, 403: `AuthError`
+  (empty, header only, `[]`, JSON `null`): a page of the feed.
+- 204, or 200 with a short plain text saying so ("No records found", "no data",
+  "0 records", ...: the whole body, any case): no records.
+- 200 with a short text about a wrong login or password, an HTML login form or an
+  HTML page whose text says the login or password is wrong, 401, 403: `AuthError`
   (fatal: retrying with the same password cannot help).
-- 200 with an HTML page, or a body the parser cannot read as the requested format,
-  or a body cut short: `BadResponseError` (retriable, never "no new records").
+- 200 with another HTML page, or a body the parser cannot read as the requested
+  format, or a body cut short: `BadResponseError` (retriable, never "no new records").
 - Connection trouble, timeouts, 5xx, 429: `FeedUnavailableError`, retried here with
   capped exponential backoff and full jitter (429's Retry-After is honoured).
 - Any other 4xx: `FeedRequestError` (fatal, the message says what to fix).
@@ -63,6 +66,26 @@ _AUTH_TEXT = re.compile(
 _AUTH_SNIFF_BYTES = 512
 _HTML_START = re.compile(rb"\s*(<!doctype html|<html|<head|<body|<\?xml|<!--)", re.IGNORECASE)
 _PASSWORD_FORM = re.compile(rb"type=[\"']?password", re.IGNORECASE)
+# An HTML page is an error page anyway, so only plain words about *our* login count: a
+# PHP error page may well say "Access denied for user ... (using password: YES)" about
+# the provider's own database, which a retry can outlast.
+_HTML_AUTH_TEXT = re.compile(
+    rb"\b(invalid|incorrect|wrong|unknown|bad)\s+(login|password|user\s?name|credentials)\b"
+    rb"|\b(login|password|username|credentials)(\s+\w+){0,4}\s+(is|are|was|were)\s+"
+    rb"(invalid|incorrect|wrong)\b"
+    rb"|\b(login|authentication|sign[- ]in)\s+failed\b",
+    re.IGNORECASE,
+)
+_HTML_HIDDEN = re.compile(rb"<(script|style)\b.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
+_HTML_TAG = re.compile(rb"<[^>]*>")
+# The whole of a short plain-text body that says there is nothing to send.
+_NO_RECORDS_TEXT = re.compile(
+    rb"\s*[\"']?(?:(?:no|zero|0)\s+(?:new\s+|more\s+|matching\s+)?(?:billing\s+|call\s+)?"
+    rb"(?:records?|rows?|data|results?|cdrs?|calls?|entries)"
+    rb"(?:\s+(?:found|available|returned|to\s+(?:return|display|show)))?"
+    rb"|nothing\s+(?:found|to\s+return))\s*[.!]?[\"']?\s*",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +146,7 @@ class FeedClient:
         ca_file: str = "",
         transport: httpx.BaseTransport | None = None,
         name: str = "",
+        encoding: str = "utf-8",
     ) -> None:
         self.name = name or (urlsplit(url).path or "/")  # the feed's name, for log lines
         self.url = url
@@ -132,6 +156,7 @@ class FeedClient:
         self.method = method
         self.timeouts = timeouts or FeedTimeouts()
         self.max_attempts = max_attempts
+        self.encoding = encoding  # of the body: one of formats.ENCODINGS
         self.backoff = backoff or Backoff(1.0, 300.0)
         self.limits = limits or BodyLimits()
         self._stop = stop or threading.Event()
@@ -216,7 +241,9 @@ class FeedClient:
         counter = _ByteCounter()
         outcome = "ok"
         try:
-            yield parse_rows(self._body(response, deadline, counter), self.query.format)
+            yield parse_rows(
+                self._body(response, deadline, counter), self.query.format, self.encoding
+            )
         except Exception as exc:
             outcome = _outcome_of(exc)
             raise
@@ -242,7 +269,7 @@ class FeedClient:
                 f"cannot reach {self._where}: {type(exc).__name__}: {exc}"
             ) from exc
         status = response.status_code
-        if status == 200:
+        if status in (200, 204):  # 204 No Content: no records (its body is empty)
             return response
         response.close()
         if status in (401, 403):
@@ -295,7 +322,8 @@ class FeedClient:
                     break
             if deadline.expired:
                 raise self._overdue()
-            self._sniff(head, complete=len(head) < _AUTH_SNIFF_BYTES)
+            if self._sniff(head, complete=len(head) < _AUTH_SNIFF_BYTES):
+                return  # the whole body says there are no records
             if head:
                 yield head
             # Step 2: stream the rest; the deadline shuts the socket down when it passes.
@@ -324,7 +352,11 @@ class FeedClient:
                 f"lost {self._where} while reading: {type(exc).__name__}"
             ) from exc
 
-    def _sniff(self, head: bytes, *, complete: bool) -> None:
+    def _sniff(self, head: bytes, *, complete: bool) -> bool:
+        """What the start of a body is: raises for a refusal or an error page.
+
+        True when the body (`complete`: all of it) is a text saying there are no records.
+        """
         text = head.lstrip(b"\xef\xbb\xbf")
         # Markup decides, not Content-Type: PHP labels everything text/html by default.
         is_html = bool(_HTML_START.match(text))
@@ -332,9 +364,18 @@ class FeedClient:
             raise AuthError(
                 f"{self._where} answered with a login page: check the login and password"
             )
+        if is_html:
+            visible = _HTML_TAG.sub(b" ", _HTML_HIDDEN.sub(b" ", text))
+            if _HTML_AUTH_TEXT.search(visible):
+                raise AuthError(
+                    f"{self._where} refused login {self.login!r} with an HTML page: "
+                    f"{_shown(b' '.join(visible.split()))}: check the login and password"
+                )
         # Refusal text is looked for only in a body without the feed's structure: a real
         # one-row page may well say "authentication" in a call's description.
         refused = complete and not is_html and not self._looks_like_feed(text)
+        if refused and _NO_RECORDS_TEXT.fullmatch(text):
+            return True
         if refused and _AUTH_TEXT.search(text):
             raise AuthError(
                 f"{self._where} refused login {self.login!r}: {_shown(text)}: "
@@ -345,6 +386,7 @@ class FeedClient:
                 f"{self._where} answered with an HTML page, not a feed: {_shown(text)}",
                 reason="html",
             )
+        return False
 
     def _looks_like_feed(self, text: bytes) -> bool:
         """A JSON array, or a first line with (nearly) the 26 documented fields."""

@@ -291,6 +291,7 @@ class FileCollector:
         sftp_metrics: SftpSourceMetrics,
         pattern: str = "*",
         fmt: str = "auto",
+        encoding: str = "utf-8",
         settle_s: float = 60.0,
         after: str = "keep",
         quarantine_dir: str = "",
@@ -309,6 +310,7 @@ class FileCollector:
         self.directory = directory
         self.pattern = pattern
         self.fmt = fmt
+        self.encoding = encoding  # of the files: one of formats.ENCODINGS
         self.after, self.after_dir = parse_after(after)
         self.quarantine_dir = quarantine_dir
         self.sink = sink
@@ -466,7 +468,7 @@ class FileCollector:
                     where=f.name, setting="max_file_bytes",
                 )  # fmt: skip
                 content = decompressed(data, f.name, max_bytes=self.max_decompressed_bytes)
-                rows = parse_rows(content, fmt)
+                rows = parse_rows(content, fmt, self.encoding)
                 # Rows confirmed before a restart are not handed on again.
                 drive.run(itertools.islice(rows, start, None))
             except FileNotFoundError:

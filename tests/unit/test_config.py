@@ -209,3 +209,35 @@ def test_sftp_files_have_the_same_cap() -> None:
     data = {**settings_of(FEED), "sftp": [{**source, "max_file_bytes": 0}]}
     with pytest.raises(ConfigError, match=r"sftp\[files\].max_file_bytes: must be at least 1"):
         parse_settings(data, env=ENV)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (None, "utf-8"),
+        ("cp1252", "cp1252"),
+        ("Windows-1252", "cp1252"),
+        ("ISO-8859-1", "latin-1"),
+        ("latin-1", "latin-1"),
+        ("auto", "auto"),
+        ("UTF8", "utf-8"),
+    ],
+)
+def test_feed_and_sftp_encoding(tmp_path: Path, given: str | None, expected: str) -> None:
+    extra = {} if given is None else {"encoding": given}
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    data = settings_of({**FEED, **extra})
+    data["sftp"] = [
+        {"name": "files", "host": "h", "user": "u", "password": "p",
+         "known_hosts": str(known_hosts), **extra}
+    ]  # fmt: skip
+    s = parse_settings(data, env={"CDR_FEED_PASSWORD": "pw"})
+    assert s.feeds[0].encoding == expected
+    assert s.sftp[0].encoding == expected
+
+
+def test_unknown_encoding_refused_with_the_choices() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(settings_of({**FEED, "encoding": "ebcdic"}), env={"CDR_FEED_PASSWORD": "p"})
+    assert "feeds[main].encoding: must be one of utf-8, cp1252" in str(info.value)

@@ -38,6 +38,17 @@ from streamer.sources.feed import FeedClient, FeedQuery, FeedTimeouts
 
 PASSWORD = "Monkey123-secret"
 HEADER = ",".join(FIELDS) + "\n"
+# What a PHP login check prints, wrapped in the page template; and a PHP error page about
+# the provider's own database login, which is no refusal of ours.
+HTML_PASSWORD_WRONG = (
+    b"<!DOCTYPE html>\n<html><head><title>Billing Feed</title><style>p{color:red}</style>"
+    b"</head>\n<body><h1>Billing Feed</h1><p class=error>Invalid login or password</p>"
+    b"</body></html>\n"
+)
+HTML_DATABASE_LOGIN = (
+    b"<html><body><b>Warning</b>: mysqli_connect(): (HY000/1045): Access denied for user "
+    b"'billing'@'localhost' (using password: YES) in <b>/var/www/billingfeed.php</b></body></html>"
+)
 
 
 def client_for(handler: httpx.MockTransport, **kwargs: object) -> FeedClient:
@@ -86,7 +97,13 @@ def fetch_all(client: FeedClient, fromid: int = 0) -> list[object]:
         (200, b"Error: incorrect password\n", None, AuthError),
         (200, b"Access denied", None, AuthError),
         (200, b"<html><form><input type=password name=p></form></html>", None, AuthError),
+        (200, b"<html><body><p>Invalid login or password</p></body></html>", None, AuthError),
+        (200, b"<!DOCTYPE html><title>x</title><h1>Login failed</h1>", None, AuthError),
+        (200, HTML_PASSWORD_WRONG, None, AuthError),
         (200, b"<!DOCTYPE html><html><body>Maintenance</body></html>", None, BadResponseError),
+        (200, HTML_DATABASE_LOGIN, None, BadResponseError),  # the provider's own database
+        (200, b"No records found; database error 1045", None, BadResponseError),
+        (200, b"<html><body>No records found</body></html>", None, BadResponseError),
         (200, b"all fine", {"Content-Type": "text/html"}, BadResponseError),
         (500, b"oops", None, FeedUnavailableError),
         (502, b"", None, FeedUnavailableError),
@@ -108,14 +125,67 @@ def test_failure_mapping(
     assert "password=" not in str(info.value)
 
 
+NO_RECORDS_TEXTS = [
+    b"No records found", b"no records", b"NO DATA", b"No data found.\n", b"0 records",
+    b"No new records", b"  no records to return\r\n", b'"No records found"', b"No CDRs found",
+    b"Nothing found",
+]  # fmt: skip
+
+
 @pytest.mark.parametrize("body", [b"", b"\n", HEADER.encode(), b"\xef\xbb\xbf" + HEADER.encode()])
 def test_no_records_bodies(body: bytes) -> None:
     assert fetch_all(client_for(answer(200, body))) == []
 
 
-def test_no_records_json() -> None:
-    client = client_for(answer(200, b"[]"), query=FeedQuery(format="json"))
+@pytest.mark.parametrize("fmt", ["csv", "txt", "pipe", "json"])
+@pytest.mark.parametrize("body", NO_RECORDS_TEXTS)
+def test_a_short_text_saying_no_records_is_no_records(fmt: str, body: bytes) -> None:
+    outcomes: list[str] = []
+    client = client_for(
+        answer(200, body, {"Content-Type": "text/html"}),
+        query=FeedQuery(format=fmt),  # type: ignore[arg-type]
+        on_request=lambda outcome, seconds, nbytes: outcomes.append(outcome),
+    )
     assert fetch_all(client) == []
+    assert outcomes == ["ok"]
+
+
+@pytest.mark.parametrize("body", [b"[]", b"null", b" null\n"])
+def test_no_records_json(body: bytes) -> None:
+    client = client_for(answer(200, body), query=FeedQuery(format="json"))
+    assert fetch_all(client) == []
+
+
+def test_204_no_content_is_no_records() -> None:
+    outcomes: list[str] = []
+    client = client_for(
+        answer(204, b""), on_request=lambda outcome, seconds, nbytes: outcomes.append(outcome)
+    )
+    assert fetch_all(client) == []
+    assert outcomes == ["ok"]
+
+
+def test_an_html_page_refusing_the_login_is_an_auth_error_outcome() -> None:
+    outcomes: list[str] = []
+    client = client_for(
+        answer(200, HTML_PASSWORD_WRONG),
+        on_request=lambda outcome, seconds, nbytes: outcomes.append(outcome),
+    )
+    with pytest.raises(AuthError, match="check the login and password") as info:
+        fetch_all(client)
+    assert "Invalid login or password" in str(info.value)
+    assert outcomes == ["auth_error"]
+
+
+def test_the_body_is_read_in_the_feed_encoding() -> None:
+    row = (
+        "7,81234567,outbound,Mobile,2024-04-01,2024-03-05,13:45:12,2024-03-05 00:45:12,13,"
+        + ",".join(["a"] * 3 + ["60", "42", "3", "0.33", "0.2875", "0"] + ["Café"] * 8)
+    )
+    body = (HEADER + row + "\n").encode("cp1252")
+    (got,) = fetch_all(client_for(answer(200, body), encoding="cp1252"))
+    assert isinstance(got, Row)
+    assert got.values["Profile"] == "Café"
 
 
 def test_connection_error_retried_then_raised() -> None:
