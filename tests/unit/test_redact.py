@@ -170,6 +170,9 @@ def test_a_secret_made_in_the_configuration_is_registered() -> None:
 def installed(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     redact.install()
     caplog.set_level(logging.DEBUG)
+    # The CLI quiets paramiko in-process (cli.main): a level left by an earlier test.
+    for name in ("httpcore.http11", "paramiko.transport", "some.library.deep.child"):
+        caplog.set_level(logging.DEBUG, logger=name)
     return caplog
 
 
