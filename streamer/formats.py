@@ -83,7 +83,7 @@ from operator import itemgetter
 from typing import Any
 
 from streamer.errors import BadResponseError
-from streamer.records import FIELDS, MAX_ROW_CHARS, Rejection, Row
+from streamer.records import FIELDS, MAX_ROW_CHARS, Rejection, Row, row_class
 
 FORMATS: dict[str, str] = {"csv": ",", "txt": "\t", "pipe": "|"}
 FORMAT_NAMES: tuple[str, ...] = ("csv", "txt", "pipe", "json")
@@ -96,6 +96,8 @@ MAX_RECORD_CHARS = 1 << 20
 _BODY_CODECS = {"utf-8": "utf-8-sig", "cp1252": "cp1252", "latin-1": "latin-1", "auto": "utf-8-sig"}
 _ROW_CODECS = {"utf-8": "utf-8", "cp1252": "cp1252", "latin-1": "latin-1", "auto": "utf-8"}
 _FALLBACK_CODEC = "cp1252"  # `auto`: a row that is not UTF-8 is read as Windows-1252
+_FallbackRow = row_class(_FALLBACK_CODEC)
+_ROW_TYPES = {encoding: row_class(codec) for encoding, codec in _ROW_CODECS.items()}
 _NOT_TEXT = {
     "utf-8": "not valid UTF-8",
     "cp1252": "not valid cp1252",
@@ -473,7 +475,7 @@ def _undecodable(cells: list[str], raw: str, layout: _Layout, encoding: str) -> 
         # which both codecs decode alike, so only the non-ASCII text in cells changes.
         fixed = [c.encode("utf-8", "surrogateescape").decode(_FALLBACK_CODEC) for c in cells]
         kept = fixed if layout.pick is None else layout.pick(fixed)
-        return Row(dict(zip(layout.names, kept, strict=True)), text, _FALLBACK_CODEC)
+        return _FallbackRow(dict(zip(layout.names, kept, strict=True)), text)
     cdr_id = _id_of(cells[layout.id_index])
     return _rejection("bad_encoding", f"the row is {_NOT_TEXT[encoding]}", raw, cdr_id, encoding)
 
@@ -483,7 +485,7 @@ def _parse_delimited(
 ) -> Iterator[Row | Rejection]:
     source = _LineSource(chunks, delimiter, encoding)
     taken = source.taken
-    codec = source.codec
+    make_row = row_class(source.codec)
     layout: _Layout | None = None
     while True:
         reader = csv.reader(source.lines(), delimiter=delimiter)
@@ -527,9 +529,9 @@ def _parse_delimited(
                     yield _undecodable(cells, raw, layout, encoding)
                     continue
                 if layout.pick is None:
-                    yield Row(dict(zip(layout.names, cells, strict=True)), raw, codec)
+                    yield make_row(dict(zip(layout.names, cells, strict=True)), raw)
                 else:
-                    yield Row(dict(zip(layout.names, layout.pick(cells), strict=True)), raw, codec)
+                    yield make_row(dict(zip(layout.names, layout.pick(cells), strict=True)), raw)
             else:
                 return
         except _ResyncError as resync:
@@ -745,7 +747,7 @@ def _json_row(element: object, raw: str, encoding: str) -> Row | Rejection:
     if ("\\ud" in raw or "\\uD" in raw) and _SURROGATE.search("".join(values.values())):
         detail = "a \\u escape gives a lone surrogate, which is not a character"
         return _rejection("bad_encoding", detail, raw, cdr_id, encoding)
-    return Row(values, raw, _ROW_CODECS[encoding])
+    return _ROW_TYPES[encoding](values, raw)
 
 
 def _skipped(text: _JsonText, reason: str, detail: str, encoding: str) -> Rejection | None:
