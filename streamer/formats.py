@@ -304,13 +304,23 @@ class _LineSource:
         self.ended = True
 
     def _starts_row(self, line: str) -> bool:
-        """Whether `line` read on its own is a row, or the start of one (cut in quotes)."""
+        """Whether `line` read on its own is a clean row, or most of one cut in quotes.
+
+        Clean: an ID where the layout has it, and a quote only around a quoted field (a
+        quoted field's continuation holds its closing quote in the middle of a cell).
+        Cut in quotes: a later field holds a line end; half the row must come before it.
+        """
         cells = _cells_of(line, self.delimiter)
         if len(cells) <= self.id_index or _id_of(cells[self.id_index]) is None:
             return False
         # Read alone, a line that ends inside quotes keeps its line end in its last cell.
-        return len(cells) == self.width or (
-            len(cells) < self.width and cells[-1].endswith(("\n", "\r"))
+        if cells[-1].endswith(("\n", "\r")):
+            whole = self.width // 2 <= len(cells) < self.width
+            cells = cells[:-1]
+        else:
+            whole = len(cells) == self.width
+        return whole and all(
+            '"' not in cell or '"' + cell.replace('"', '""') + '"' in line for cell in cells
         )
 
     def cdr_id_of(self, text: str) -> int | None:
@@ -632,10 +642,13 @@ class _JsonText:
         while True:
             buf = self.buf
             match = _JSON_BOUNDARY.search(buf, start)
-            # Without a match, a boundary can still begin at the last "}" (then kept).
-            end = match.start() + 1 if match else buf.rfind("}", start)
-            if end < 0 or len(buf) - end > MAX_RECORD_CHARS:
-                end = len(buf)
+            if match:
+                end = match.start() + 1
+            else:
+                # A boundary can still begin at the last "}": kept for the next search.
+                end = buf.rfind("}", start)
+                if end < 0 or len(buf) - end > MAX_RECORD_CHARS:
+                    end = len(buf)
             if kept < MAX_ROW_CHARS:
                 head.append(buf[self.pos : min(end, self.pos + MAX_ROW_CHARS - kept)])
                 kept += len(head[-1])
@@ -793,7 +806,7 @@ def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Reject
                 element, end = decode(text.buf, text.pos)
             except json.JSONDecodeError as exc:
                 if not _cut_short(exc, text.buf):
-                    # Step 1: a broken element is one rejection; reading resumes after it.
+                    # A broken element is one rejection; reading resumes after it.
                     failure = BadResponseError(
                         f"bad JSON: {exc.msg} at "
                         f"{_excerpt(text.buf[max(text.pos, exc.pos - 40) :])}",
@@ -831,7 +844,7 @@ def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Reject
                     char = None
                     continue
         except _TooLongError:
-            # Step 2: an element too long to hold is skipped to its end, counted.
+            # An element too long to hold is skipped to its end, counted.
             long = _skipped(text, "row_too_long", "", encoding)
             if long is None:
                 raise BadResponseError(
@@ -864,7 +877,7 @@ def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Reject
         elif char == "]":
             text.pos += 1
         elif char is not None:
-            # Step 3: junk after an element is one rejection, up to the next element.
+            # Junk after an element is one rejection, up to the next element.
             failure = BadResponseError(
                 f"bad JSON: expected , or ] after an element, found {text.excerpt()}",
                 reason="bad_json",
