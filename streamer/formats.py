@@ -26,11 +26,13 @@ Decisions the provider's spec leaves open:
   newline (a cut inside the last field goes unnoticed; the typing stage still
   checks that field).  A JSON array must be closed with ``]``.
 * Resynchronising: one broken record costs one rejection, never the response.
-  A delimited line whose opening quote never closes (the next line is a whole
-  row of its own, or the body ends after this line, which has every field) is
+  A delimited line whose opening quote never closes (the next line is a row of
+  its own: read alone, it has the row's fields, an ID, and quotes only around
+  quoted fields; or the body ends after this line, which has every field) is
   ``unclosed_quote`` and reading resumes at the next line; quoted fields that
   legitimately hold line ends (csv.writer and PHP's fputcsv write them, in every
-  dialect) read as before.  A JSON array element that is not valid JSON, or junk
+  dialect) read as before: the line after such a line end holds the field's
+  closing quote inside a cell.  A JSON array element that is not valid JSON, or junk
   between elements, is ``bad_json_element`` and reading resumes at the next
   element: the next ``}`` followed by ``,`` and ``{`` (or by the closing ``]``).
   If there is none, the whole body fails (``bad_json``).
