@@ -26,11 +26,13 @@ Decisions the provider's spec leaves open:
   newline (a cut inside the last field goes unnoticed; the typing stage still
   checks that field).  A JSON array must be closed with ``]``.
 * Resynchronising: one broken record costs one rejection, never the response.
-  A delimited line whose opening quote never closes (the next line is a whole
-  row of its own, or the body ends after this line, which has every field) is
+  A delimited line whose opening quote never closes (the next line is a row of
+  its own: read alone, it has the row's fields, an ID, and quotes only around
+  quoted fields; or the body ends after this line, which has every field) is
   ``unclosed_quote`` and reading resumes at the next line; quoted fields that
   legitimately hold line ends (csv.writer and PHP's fputcsv write them, in every
-  dialect) read as before.  A JSON array element that is not valid JSON, or junk
+  dialect) read as before: the line after such a line end holds the field's
+  closing quote inside a cell.  A JSON array element that is not valid JSON, or junk
   between elements, is ``bad_json_element`` and reading resumes at the next
   element: the next ``}`` followed by ``,`` and ``{`` (or by the closing ``]``).
   If there is none, the whole body fails (``bad_json``).
@@ -85,7 +87,7 @@ from operator import itemgetter
 from typing import Any
 
 from streamer.errors import BadResponseError
-from streamer.records import FIELDS, MAX_ROW_CHARS, Rejection, Row
+from streamer.records import FIELDS, MAX_ROW_CHARS, Rejection, Row, row_class
 from streamer.redact import excerpt
 
 FORMATS: dict[str, str] = {"csv": ",", "txt": "\t", "pipe": "|"}
@@ -99,6 +101,8 @@ MAX_RECORD_CHARS = 1 << 20
 _BODY_CODECS = {"utf-8": "utf-8-sig", "cp1252": "cp1252", "latin-1": "latin-1", "auto": "utf-8-sig"}
 _ROW_CODECS = {"utf-8": "utf-8", "cp1252": "cp1252", "latin-1": "latin-1", "auto": "utf-8"}
 _FALLBACK_CODEC = "cp1252"  # `auto`: a row that is not UTF-8 is read as Windows-1252
+_FallbackRow = row_class(_FALLBACK_CODEC)
+_ROW_TYPES = {encoding: row_class(codec) for encoding, codec in _ROW_CODECS.items()}
 _NOT_TEXT = {
     "utf-8": "not valid UTF-8",
     "cp1252": "not valid cp1252",
@@ -304,13 +308,23 @@ class _LineSource:
         self.ended = True
 
     def _starts_row(self, line: str) -> bool:
-        """Whether `line` read on its own is a row, or the start of one (cut in quotes)."""
+        """Whether `line` read on its own is a clean row, or most of one cut in quotes.
+
+        Clean: an ID where the layout has it, and a quote only around a quoted field (a
+        quoted field's continuation holds its closing quote in the middle of a cell).
+        Cut in quotes: a later field holds a line end; half the row must come before it.
+        """
         cells = _cells_of(line, self.delimiter)
         if len(cells) <= self.id_index or _id_of(cells[self.id_index]) is None:
             return False
         # Read alone, a line that ends inside quotes keeps its line end in its last cell.
-        return len(cells) == self.width or (
-            len(cells) < self.width and cells[-1].endswith(("\n", "\r"))
+        if cells[-1].endswith(("\n", "\r")):
+            whole = self.width // 2 <= len(cells) < self.width
+            cells = cells[:-1]
+        else:
+            whole = len(cells) == self.width
+        return whole and all(
+            '"' not in cell or '"' + cell.replace('"', '""') + '"' in line for cell in cells
         )
 
     def cdr_id_of(self, text: str) -> int | None:
@@ -475,7 +489,7 @@ def _undecodable(cells: list[str], raw: str, layout: _Layout, encoding: str) -> 
         # which both codecs decode alike, so only the non-ASCII text in cells changes.
         fixed = [c.encode("utf-8", "surrogateescape").decode(_FALLBACK_CODEC) for c in cells]
         kept = fixed if layout.pick is None else layout.pick(fixed)
-        return Row(dict(zip(layout.names, kept, strict=True)), text, _FALLBACK_CODEC)
+        return _FallbackRow(dict(zip(layout.names, kept, strict=True)), text)
     cdr_id = _id_of(cells[layout.id_index])
     return _rejection("bad_encoding", f"the row is {_NOT_TEXT[encoding]}", raw, cdr_id, encoding)
 
@@ -485,7 +499,7 @@ def _parse_delimited(
 ) -> Iterator[Row | Rejection]:
     source = _LineSource(chunks, delimiter, encoding)
     taken = source.taken
-    codec = source.codec
+    make_row = row_class(source.codec)
     layout: _Layout | None = None
     while True:
         reader = csv.reader(source.lines(), delimiter=delimiter)
@@ -529,9 +543,9 @@ def _parse_delimited(
                     yield _undecodable(cells, raw, layout, encoding)
                     continue
                 if layout.pick is None:
-                    yield Row(dict(zip(layout.names, cells, strict=True)), raw, codec)
+                    yield make_row(dict(zip(layout.names, cells, strict=True)), raw)
                 else:
-                    yield Row(dict(zip(layout.names, layout.pick(cells), strict=True)), raw, codec)
+                    yield make_row(dict(zip(layout.names, layout.pick(cells), strict=True)), raw)
             else:
                 return
         except _ResyncError as resync:
@@ -632,10 +646,13 @@ class _JsonText:
         while True:
             buf = self.buf
             match = _JSON_BOUNDARY.search(buf, start)
-            # Without a match, a boundary can still begin at the last "}" (then kept).
-            end = match.start() + 1 if match else buf.rfind("}", start)
-            if end < 0 or len(buf) - end > MAX_RECORD_CHARS:
-                end = len(buf)
+            if match:
+                end = match.start() + 1
+            else:
+                # A boundary can still begin at the last "}": kept for the next search.
+                end = buf.rfind("}", start)
+                if end < 0 or len(buf) - end > MAX_RECORD_CHARS:
+                    end = len(buf)
             if kept < MAX_ROW_CHARS:
                 head.append(buf[self.pos : min(end, self.pos + MAX_ROW_CHARS - kept)])
                 kept += len(head[-1])
@@ -752,7 +769,7 @@ def _json_row(element: object, raw: str, encoding: str) -> Row | Rejection:
     if ("\\ud" in raw or "\\uD" in raw) and _SURROGATE.search("".join(values.values())):
         detail = "a \\u escape gives a lone surrogate, which is not a character"
         return _rejection("bad_encoding", detail, raw, cdr_id, encoding)
-    return Row(values, raw, _ROW_CODECS[encoding])
+    return _ROW_TYPES[encoding](values, raw)
 
 
 def _skipped(text: _JsonText, reason: str, detail: str, encoding: str) -> Rejection | None:
@@ -799,7 +816,7 @@ def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Reject
                 element, end = decode(text.buf, text.pos)
             except json.JSONDecodeError as exc:
                 if not _cut_short(exc, text.buf):
-                    # Step 1: a broken element is one rejection; reading resumes after it.
+                    # A broken element is one rejection; reading resumes after it.
                     failure = BadResponseError(
                         f"bad JSON: {exc.msg} at "
                         f"{_excerpt(text.buf, max(text.pos, exc.pos - 40))}",
@@ -837,7 +854,7 @@ def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Reject
                     char = None
                     continue
         except _TooLongError:
-            # Step 2: an element too long to hold is skipped to its end, counted.
+            # An element too long to hold is skipped to its end, counted.
             long = _skipped(text, "row_too_long", "", encoding)
             if long is None:
                 raise BadResponseError(
@@ -879,7 +896,7 @@ def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Reject
         elif char == "]":
             text.pos += 1
         elif char is not None:
-            # Step 3: junk after an element is one rejection, up to the next element.
+            # Junk after an element is one rejection, up to the next element.
             failure = BadResponseError(
                 f"bad JSON: expected , or ] after an element, found {text.excerpt()}",
                 reason="bad_json",

@@ -976,3 +976,21 @@ def test_a_cp1252_row_rejected_when_typed_keeps_its_original_bytes() -> None:
     assert rejection.reason == "bad_date"
     assert rejection.original_bytes() == line.encode("cp1252")
     assert rejection.raw == line
+
+
+def test_a_broken_element_after_a_long_buffer_is_only_itself() -> None:
+    # Small chunks make the buffer grow past MAX_RECORD_CHARS before the break is seen.
+    filler = b"y" * (MAX_RECORD_CHARS // 2)
+    first = GOOD_JSON.replace(b'"Mobile call"', b'"' + filler + b'"')
+    broken = b'{"ID": "7" "AccountCode": "1"}'
+    body = b"[" + first + b", " + broken + b", " + first + b"]"
+    for chunks in ([body], chunked(body, 4096)):
+        got = parse(chunks, "json")
+        assert [getattr(item, "reason", "row") for item in got] == [
+            "row",
+            "bad_json_element",
+            "row",
+        ]
+        assert got[1].raw == broken.decode()
+        assert got[1].raw_chars is None
+        assert got[1].cdr_id == 7
