@@ -75,9 +75,11 @@ class KafkaCheck:
         try:
             metadata = self._admin.list_topics(timeout=self.timeout_s)
         except KafkaException as exc:
+            self._admin.poll(0)  # hands librdkafka's queued log lines to the (folding) logger
             error = exc.args[0] if exc.args else None
             reason = error.str() if isinstance(error, KafkaError) else str(exc)
             return f"no answer from the cluster within {self.timeout_s:g} s ({reason})"
+        self._admin.poll(0)
         if not metadata.brokers:
             return "the cluster answered without any broker"
         return None
@@ -93,15 +95,17 @@ class Readiness:
         *,
         max_failing_s: float,
         clock: Callable[[], float] = time.time,
+        extra: Callable[[], list[str]] | None = None,
     ) -> None:
         self.metrics = metrics
         self.kafka_check = kafka_check
         self.max_failing_s = max_failing_s
         self._clock = clock
+        self.extra = extra  # more reasons (status.py: starting, a feed stopped)
 
     def problems(self) -> list[str]:
         """What keeps the process from being ready; empty when it is."""
-        found: list[str] = []
+        found: list[str] = list(self.extra()) if self.extra is not None else []
         kafka = self.kafka_check()
         if kafka is not None:
             found.append(f"Kafka: {kafka}")
@@ -145,8 +149,11 @@ class HealthServer:
         *,
         host: str = "0.0.0.0",  # noqa: S104 - a scrape target must be reachable from Prometheus
         port: int = 9108,
+        pages: Mapping[str, Callable[[], tuple[str, bytes]]] | None = None,
     ) -> None:
         self._metrics_app = make_wsgi_app(registry)
+        # More paths -> (content type, body), e.g. /status and / (status.py).
+        self._pages = dict(pages or {})
         self._readiness = readiness
         self.host = host
         self.port = port
@@ -203,6 +210,12 @@ class HealthServer:
         if path == "/metrics":
             body: Iterable[bytes] = self._metrics_app(environ, start_response)
             return body
+        page = self._pages.get(path)
+        if page is not None:
+            content_type, data = page()
+            headers = [("Content-Type", content_type), ("Content-Length", str(len(data)))]
+            start_response("200 OK", [*headers, ("Cache-Control", "no-store")])
+            return [data]
         if path == "/healthz":
             return _text(start_response, "200 OK", "ok\n")
         if path == "/readyz":
