@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -30,7 +31,7 @@ from streamer.cursor import (
     KafkaCursorStore,
     MemoryCursorStore,
 )
-from streamer.errors import ConfigError, KafkaUnavailableError
+from streamer.errors import ConfigError, KafkaUnavailableError, TopicError
 from streamer.health import HealthServer, KafkaCheck, Readiness
 from streamer.logs import LIBRDKAFKA, fields
 from streamer.metrics import FeedMetrics, Metrics, SftpMetrics
@@ -97,7 +98,15 @@ def _provision_topics(admin: AdminClient, settings: Settings) -> TimestampLimits
             admin, k.cursor_topic, partitions=1, replication_factor=k.replication_factor,
             min_insync_replicas=k.min_insync_replicas, compacted=True,
         )  # fmt: skip
-    return timestamp_limits(admin, k.topic)
+    # A topic just created may not be known yet to the broker that answers describe_configs.
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            return timestamp_limits(admin, k.topic)
+        except TopicError as exc:
+            if "Unknown topic" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # the polling period of the condition above
 
 
 def _cursor_store(settings: Settings, feed: FeedSettings) -> CursorStore:

@@ -125,7 +125,7 @@ def _check_kafka(settings: Settings, results: list[tuple[bool, str]]) -> bool:
     results.append(
         (
             True,
-            f"kafka {k.bootstrap_servers}: {len(metadata.brokers)} brokers answer; "
+            f"kafka {k.bootstrap_servers}: brokers answering: {len(metadata.brokers)}; "
             f"topics: {', '.join(topics)}",
         )
     )

@@ -58,13 +58,18 @@ def wait_for_kafka(
     backoff = backoff or Backoff(1.0, 30.0)
     since = time.monotonic()
     next_note = 0.0
+    attempts = 0
     while not stop.is_set():
         try:
+            attempts += 1
             result = connect()
         except (KafkaException, KafkaUnavailableError) as exc:
             reason = _reason(exc)
             if on_waiting is not None:
-                on_waiting(f"waiting for Kafka at {servers} ({reason})")
+                on_waiting(
+                    f"waiting for Kafka at {servers} for {time.monotonic() - since:.0f} s, "
+                    f"{attempts} tries ({reason})"
+                )
             delay = backoff.next_delay()
             now = time.monotonic()
             if not next_note:
@@ -216,11 +221,15 @@ def _newest_id(client: FeedClient, now: datetime) -> int | None:
         day = now.date() - timedelta(days=back)
         if not _any_row(client, day):
             continue
-        last_hour = now.hour if back == 0 else 23
+        # From the hour after now: an account in a zone ahead (the Chatham Islands, 45 min)
+        # has its newest CDRs there. The newest hour with CDRs and the one before it hold
+        # the newest CDR of every zone.
+        last_hour = min(23, now.hour + 1) if back == 0 else 23
         for hour in range(last_hour, -1, -1):
             ids = _ids(client, day, hour)
             if ids:
-                return max(ids)
+                before = _ids(client, day, hour - 1) if hour else []
+                return max(ids + before)
     return None
 
 

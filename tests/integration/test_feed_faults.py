@@ -519,7 +519,7 @@ def test_password_never_in_debug_output_through_faults_and_failures(
     assert "check the login and password" in wrong.stderr
     assert refused.returncode == 3, refused.stderr
     assert "cannot reach /billingfeed.php: ConnectError" in refused.stderr
-    assert "giving up after 5 failures" in refused.stderr
+    assert "giving up after 2 failures" in refused.stderr  # max_attempts: the one counter
     for output in outputs:
         assert FEED_PASSWORD not in output
         assert "Tr1cky" not in output  # nor any encoding of it (URL, form, repr)
