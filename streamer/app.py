@@ -55,7 +55,7 @@ from streamer.status import StatusBoard
 
 log = logging.getLogger("streamer")
 
-CONNECT_TIMEOUT_S = 10.0  # a metadata request at start: the broker answers, or we say so
+CONNECT_TIMEOUT_S = 5.0  # a metadata request at start: the broker answers, or we say so
 
 
 @dataclass(frozen=True, slots=True)

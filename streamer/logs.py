@@ -103,7 +103,10 @@ class JsonLineFormatter(JsonFormatter):
 
 
 # "after 12ms", "3 identical error(s) suppressed": what differs between two lines of one condition.
-_VARYING = re.compile(r"\(after \d+ms[^)]*\)|, \d+ identical error\(s\) suppressed|\d+ms")
+# And "rdkafka#producer-7": each client's instance name, where every client says the same.
+_VARYING = re.compile(
+    r"\(after \d+ms[^)]*\)|, \d+ identical error\(s\) suppressed|\d+ms|#(producer|consumer)-\d+"
+)
 
 
 class FoldRepeats(logging.Filter):

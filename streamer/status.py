@@ -146,7 +146,7 @@ def _state(runner: Runner) -> str:
         return "stopped"
     if runner.failures:
         return "failing"
-    if runner.last_poll_at is None:
+    if runner.last_poll_ok is None:  # the first poll has not ended yet
         return "starting"
     return "running"
 
@@ -177,7 +177,7 @@ tr.state-stopped .badge { background: #c62828; }
 tr.state-failing td { background: #fff8e1; }
 tr.state-failing .badge { background: #ef6c00; }
 tr.state-waiting .badge, tr.state-starting .badge { background: #616161; }
-.problems { background: #c62828; color: #fff; padding: .6em 1em; border-radius: .3em; }
+.problems { background: #b71c1c; color: #fff; padding: .6em 1em; border-radius: .3em; }
 .ok { background: #2e7d32; color: #fff; padding: .6em 1em; border-radius: .3em; }
 .error { color: #b71c1c; }
 small { color: #666; }

@@ -73,7 +73,9 @@ def test_broker_down_at_start_then_up(tmp_path: Path, topic_name: str) -> None:
         )  # fmt: skip
         text = config.read_text().replace("port = 0", f'port = {metrics_port}\nhost = "127.0.0.1"')
         config.write_text(text)
-        streamer = StreamerProcess(config, tmp_path / "streamer.log")
+        # Not the session's broker: the one this test starts later, at the address in the file.
+        env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+        streamer = StreamerProcess(config, tmp_path / "streamer.log", env=env)
         base = f"http://127.0.0.1:{metrics_port}"
         try:
 
@@ -86,8 +88,8 @@ def test_broker_down_at_start_then_up(tmp_path: Path, topic_name: str) -> None:
                     int(waiting.split(" tries")[0].rsplit(" ", 1)[-1]) if "tries" in waiting else 0
                 )
 
-            # Several tries with the broker down: enough for librdkafka to repeat itself.
-            streamer.wait_for(lambda: tries() >= 4, "4 tries to reach Kafka", timeout_s=120)
+            # Several tries with the broker down, each a new client: librdkafka repeats itself.
+            streamer.wait_for(lambda: tries() >= 3, "3 tries to reach Kafka", timeout_s=120)
             status, body = http_get(f"{base}/readyz")
             assert status == 503
             assert "waiting for Kafka at " + bootstrap in body
@@ -117,8 +119,8 @@ def test_broker_down_at_start_then_up(tmp_path: Path, topic_name: str) -> None:
     assert "check kafka.bootstrap_servers" in plain[0]
     # librdkafka's connection failures are folded: one line per kind per minute, not
     # hundreds (before: 574 in 30 s).
-    failures = [line for line in down_log.splitlines() if "librdkafka" in line]
-    assert len(failures) <= 8, "\n".join(failures)
+    refused = [line for line in down_log.splitlines() if "Connection refused" in line]
+    assert len(refused) == 1, "\n".join(refused)
     assert "answers after" in log
 
 
@@ -316,9 +318,7 @@ def test_json_logs_parse_line_by_line_and_hold_no_secret(
             "--log-format", "json", "--log-level", "DEBUG", "run", "--config", str(config),
             "--once", env={"WRONG_PASSWORD": FEED_PASSWORD + "-wrong"},
         )  # fmt: skip
-        checked = run_streamer(
-            "check-config", "--config", str(config), env={"WRONG_PASSWORD": "x"}
-        )
+        checked = run_streamer("check-config", "--config", str(config), env={"WRONG_PASSWORD": "x"})
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) > 10
