@@ -54,3 +54,12 @@ def test_streamer_reads_its_password_from_the_compose_secret(compose_config: str
     secret = Path(feed["password_file"])
     assert secret.parent == Path("/run/secrets")
     assert re.search(rf"^  {re.escape(secret.name)}:\n    file: ", compose_config, re.MULTILINE)
+
+
+def test_streamer_restarts_a_bounded_number_of_times(compose_config: str) -> None:
+    """Refused credentials exit 3: restarting without end would resend them in a loop."""
+    after = compose_config.split("\n  streamer:\n", 1)[1]
+    streamer = re.split(r"\n  [a-z-]+:\n", after, maxsplit=1)[0]  # up to the next service
+    policy = re.search(r"^    restart: (\S+)$", streamer, re.MULTILINE)
+    assert policy is not None, streamer
+    assert re.fullmatch(r"on-failure:[1-5]", policy.group(1).strip("'\""))
