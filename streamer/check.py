@@ -64,7 +64,7 @@ def render(settings: Settings, source: str) -> str:
     """The settings as a TOML-like listing, secrets masked."""
     k = settings.kafka
     lines = [
-        f"# {source}: valid: {len(settings.feeds)} feeds, {len(settings.sftp)} SFTP sources",
+        f"# {source}: valid (feeds: {len(settings.feeds)}, SFTP sources: {len(settings.sftp)})",
         f"# (environment overrides: {ENV_PREFIX}KAFKA_<SETTING>, {ENV_PREFIX}METRICS_<SETTING>,",
         f"#  {ENV_PREFIX}KAFKA_PRODUCER_<NAME>; secrets are shown as {MASK})",
         "",

@@ -41,6 +41,10 @@ T = TypeVar("T")
 STILL_WAITING_EVERY_S = 60.0
 LATEST_LOOKBACK_DAYS = 31  # how far back `latest` looks for the newest CDR
 SCAN_WINDOW = 20_000  # messages per partition read at a time, from the end backwards
+# How far back per partition: a new feed on a topic of millions of events must not
+# read them all before its first poll. Events of a feed that stopped publishing
+# longer ago than this are not found (the feed then begins at start_from, as logged).
+SCAN_LIMIT = 200_000
 
 
 def wait_for_kafka(
@@ -147,14 +151,18 @@ class StartingCursorStore:
             return self.inner.load_state()
         committed = load_committed(self.inner)
         if committed is None:
-            committed = FeedCursor(self._first_cursor())
-            # Committed now: a first position found by date or `latest` must not be
-            # looked for again (and found elsewhere) after a restart before any new CDR.
-            self.inner.commit_state(committed)
+            cursor, found = self._first_cursor()
+            committed = FeedCursor(cursor)
+            if found:
+                # Committed now: a position recovered, or found by date or `latest`, must
+                # not be looked for again (and found elsewhere) after a restart before any
+                # new CDR. (earliest and an ID give the same cursor every time.)
+                self.inner.commit_state(committed)
         self._checked = True
         return committed
 
-    def _first_cursor(self) -> int:
+    def _first_cursor(self) -> tuple[int, bool]:
+        """The first cursor, and whether it was found (recovered, by date, latest)."""
         recovered = self._recover()
         if recovered is not None:
             log.warning(
@@ -164,14 +172,14 @@ class StartingCursorStore:
                 self.feed, self.inner, recovered, recovered,
                 extra=fields("cursor_recovered", cursor=recovered),
             )  # fmt: skip
-            return recovered
+            return recovered, True
         cursor = self._resolve(self.start_from)
         log.info(
             "feed %s: no committed cursor yet; start_from %s gives cursor %d",
             self.feed, self.start_from, cursor,
             extra=fields("cursor_first", start_from=str(self.start_from), cursor=cursor),
         )  # fmt: skip
-        return cursor
+        return cursor, self.start_from.kind in ("date", "latest")
 
 
 def load_committed(store: CursorStore) -> FeedCursor | None:
@@ -263,7 +271,8 @@ def highest_event_id(
 
     Each partition is read from its end backwards, `SCAN_WINDOW` messages at a time, until
     a window holds events of the feed: a feed's later events carry higher IDs, so the
-    history before that is not read. Backfills (header `replay`) and SFTP events do not count.
+    history before that is not read (nor more than `SCAN_LIMIT` messages per partition).
+    Backfills (header `replay`) and SFTP events do not count.
     """
     config: dict[str, Any] = {
         **client_config,
@@ -296,6 +305,7 @@ def _highest_in_partition(
     consumer: Consumer, topic: str, partition: int, wanted: bytes, timeout_s: float
 ) -> int | None:
     low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+    low = max(low, high - SCAN_LIMIT)
     end = high
     deadline = time.monotonic() + max(timeout_s, 300.0)
     while end > low:

@@ -302,3 +302,19 @@ def test_setup_in_json_is_one_object_per_line(capsys: pytest.CaptureFixture[str]
     assert len(lines) == 1
     assert json.loads(lines[0])["feed"] == "files"
     assert json.loads(lines[0])["source"] == "sftp"
+
+
+@pytest.mark.parametrize("text", ["22/05/2024", "20240522", "2024-W21-3", "2024-02-30"])
+def test_backfill_date_takes_what_the_readme_says(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from streamer.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["backfill", "--config", "c", "--date", "2024-05-22"]).date == date(
+        2024, 5, 22
+    )
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["backfill", "--config", "c", "--date", text])
+    assert info.value.code == 2
+    assert "is not a date as YYYY-MM-DD" in capsys.readouterr().err
