@@ -50,7 +50,7 @@ from streamer.sink import Encoder, EventSink, PublisherSlot
 from streamer.sources.feed import FeedClient, FeedQuery, FeedTimeouts
 from streamer.sources.files import FileCollector
 from streamer.sources.sftp import SftpServer
-from streamer.startup import StartingCursorStore, highest_event_id, resolve_start, wait_for_kafka
+from streamer.startup import StartingCursorStore, recover_cursor, resolve_start, wait_for_kafka
 from streamer.status import StatusBoard
 
 log = logging.getLogger("streamer")
@@ -170,7 +170,7 @@ def _starting_store(settings: Settings, feed: FeedSettings, client: FeedClient) 
         feed=feed.name,
         start_from=feed.start_from,
         resolve=lambda start: resolve_start(client, start, zone),
-        recover=lambda: highest_event_id(k.bootstrap_servers, k.producer, k.topic, feed.name),
+        recover=lambda: recover_cursor(k.bootstrap_servers, k.producer, k.topic, feed.name),
     )
 
 

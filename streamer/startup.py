@@ -6,8 +6,9 @@
 - `StartingCursorStore`: a feed's cursor store, which on first use, when nothing was
   ever committed, decides the first cursor and commits it at once:
   1. the event topic already holds events of this feed (headers `feed` = its name,
-     `source` = `feed`, no `replay`): the cursor is *recovered* as the highest `cdr_id`
-     among them, so a lost or moved cursor file never re-publishes history;
+     `source` = `feed`, no `replay`): the cursor is *recovered* from them
+     (`recover_cursor`: the last poll's `fromid` header and how far each partition got),
+     so a lost or moved cursor file never re-publishes history, nor skips a CDR;
   2. otherwise `start_from`: earliest (cursor 0: everything), an ID, a date (the first
      ID of that day, found with the feed's `date` and `hour` parameters, never fetching
      what came before it), or latest (the newest CDR now available, found the same way).
@@ -167,9 +168,10 @@ class StartingCursorStore:
         if recovered is not None:
             log.warning(
                 "feed %s: no committed cursor in %r, but the event topic holds events of this "
-                "feed up to CDR %d: recovered cursor %d, so history is not published again "
-                "(to choose another: cdr-streamer cursor set)",
-                self.feed, self.inner, recovered, recovered,
+                "feed: recovered cursor %d from them, so history is not published again (the "
+                "last poll's CDRs above it may be, at least once; none is skipped). To choose "
+                "another: cdr-streamer cursor set",
+                self.feed, self.inner, recovered,
                 extra=fields("cursor_recovered", cursor=recovered),
             )  # fmt: skip
             return recovered, True
@@ -259,7 +261,7 @@ def _ids(client: FeedClient, day: date, hour: int) -> list[int]:
     return found
 
 
-def highest_event_id(
+def recover_cursor(
     bootstrap_servers: str,
     client_config: Mapping[str, str],
     topic: str,
@@ -267,12 +269,19 @@ def highest_event_id(
     *,
     timeout_s: float = 60.0,
 ) -> int | None:
-    """The highest `cdr_id` of this feed's live events on `topic` (read_committed), or None.
+    """A cursor under which every CDR of this feed is on `topic` (read_committed), or None.
 
-    Each partition is read from its end backwards, `SCAN_WINDOW` messages at a time, until
-    a window holds events of the feed: a feed's later events carry higher IDs, so the
-    history before that is not read (nor more than `SCAN_LIMIT` messages per partition).
-    Backfills (header `replay`) and SFTP events do not count.
+    None when the topic holds no live event of the feed (headers `feed` = its name,
+    `source` = `feed`, no `replay`). Each event carries `fromid`, the committed cursor its
+    poll started from; the last poll is the one with the highest `fromid` (F). Its events
+    went out in ID order, each partition keeping the order, so a crash left each
+    partition holding a prefix of them: every ID up to the lowest of the partitions'
+    highest IDs is there. A partition without an event of that poll stands at F. So:
+    the cursor is the lowest, over all partitions, of (its highest ID of the last poll, or
+    F). At least once: the events above it may be published again; none is skipped.
+
+    Each partition is read from its end backwards, `SCAN_WINDOW` messages at a time, to the
+    first window with events of the feed (at most `SCAN_LIMIT` messages back).
     """
     config: dict[str, Any] = {
         **client_config,
@@ -289,21 +298,36 @@ def highest_event_id(
         described = metadata.topics.get(topic)
         if described is None or described.error is not None:
             return None  # no topic yet: nothing was ever published
-        highest: int | None = None
-        for partition in described.partitions:
-            found = _highest_in_partition(consumer, topic, partition, wanted, timeout_s)
-            if found is not None and (highest is None or found > highest):
-                highest = found
-        return highest
+        tails = [
+            _partition_tail(consumer, topic, partition, wanted, timeout_s)
+            for partition in described.partitions
+        ]
     except KafkaException as exc:
         raise DeliveryError(f"cannot read topic {topic}: {_reason(exc)}") from exc
     finally:
         consumer.close()
+    found = [tail for tail in tails if tail is not None]
+    if not found:
+        return None
+    if any(fromid is None for fromid, _ in found):
+        highest = max(h for _, h in found)
+        raise ConfigError(
+            f"feed {feed}: no committed cursor, and topic {topic} holds events of this feed (up "
+            f"to CDR {highest}) without a fromid header (published by an older cdr-streamer), "
+            "so no cursor can be recovered safely. Choose one: cdr-streamer cursor set --feed "
+            f"{feed} ID (e.g. {highest}, after the newest event; lower publishes again from "
+            "there), or cursor set --feed NAME 0 to publish everything again"
+        )
+    last_poll = max(fromid for fromid, _ in found if fromid is not None)
+    # Where each partition stands; one without an event of the last poll stands at its start.
+    stands = [tail[1] if tail is not None and tail[0] == last_poll else last_poll for tail in tails]
+    return max(last_poll, min(stands))
 
 
-def _highest_in_partition(
+def _partition_tail(
     consumer: Consumer, topic: str, partition: int, wanted: bytes, timeout_s: float
-) -> int | None:
+) -> tuple[int | None, int] | None:
+    """(highest fromid, highest cdr_id with it) of the feed's latest events in a partition."""
     low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
     low = max(low, high - SCAN_LIMIT)
     end = high
@@ -311,7 +335,7 @@ def _highest_in_partition(
     while end > low:
         start = max(low, end - SCAN_WINDOW)
         consumer.assign([TopicPartition(topic, partition, start)])
-        highest: int | None = None
+        best: tuple[int | None, int] | None = None
         while True:
             if time.monotonic() > deadline:
                 raise DeliveryError(f"topic {topic} not read in time to recover a cursor")
@@ -326,18 +350,30 @@ def _highest_in_partition(
             offset = msg.offset() or 0
             if offset >= end:
                 break
-            headers = dict(msg.headers() or [])
-            if (
-                headers.get("feed") == wanted
-                and headers.get("source") == b"feed"
-                and "replay" not in headers
-                and isinstance(headers.get("cdr_id"), bytes)
-            ):
-                cdr_id = int(headers["cdr_id"])  # type: ignore[arg-type]
-                highest = cdr_id if highest is None else max(highest, cdr_id)
+            best = _better(best, dict(msg.headers() or []), wanted)
             if offset >= end - 1:
                 break
-        if highest is not None:
-            return highest
+        if best is not None:
+            return best
         end = start
     return None
+
+
+def _better(
+    best: tuple[int | None, int] | None, headers: Mapping[str, Any], wanted: bytes
+) -> tuple[int | None, int] | None:
+    """`best` updated with one message: (highest fromid, its highest cdr_id)."""
+    cdr_id, fromid = headers.get("cdr_id"), headers.get("fromid")
+    if (
+        headers.get("feed") != wanted
+        or headers.get("source") != b"feed"
+        or "replay" in headers
+        or not isinstance(cdr_id, bytes)
+    ):
+        return best
+    this = (int(fromid) if isinstance(fromid, bytes) else None, int(cdr_id))
+
+    def key(t: tuple[int | None, int]) -> tuple[int, int]:
+        return (-1 if t[0] is None else t[0], t[1])
+
+    return this if best is None or key(this) > key(best) else best
