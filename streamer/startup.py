@@ -154,6 +154,9 @@ class StartingCursorStore:
         if committed is None:
             cursor, found = self._first_cursor()
             committed = FeedCursor(cursor)
+            # Until a first commit the store hands out this cursor (also after `forget()`).
+            if hasattr(self.inner, "initial"):
+                self.inner.initial = cursor
             if found:
                 # Committed now: a position recovered, or found by date or `latest`, must
                 # not be looked for again (and found elsewhere) after a restart before any

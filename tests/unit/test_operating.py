@@ -318,3 +318,31 @@ def test_backfill_date_takes_what_the_readme_says(
         parser.parse_args(["backfill", "--config", "c", "--date", text])
     assert info.value.code == 2
     assert "is not a date as YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_first_cursor_is_kept_until_committed_and_committed_when_found(tmp_path: Path) -> None:
+    from streamer.cursor import FileCursorStore
+    from streamer.startup import StartingCursorStore
+
+    calls: list[str] = []
+
+    def store(start: StartFrom, recovered: int | None, name: str) -> StartingCursorStore:
+        def resolve(s: StartFrom) -> int:
+            calls.append(f"resolve {s}")
+            return 7 if s.kind == "id" else 4242
+
+        return StartingCursorStore(
+            FileCursorStore(tmp_path / f"{name}.json", name), feed=name, start_from=start,
+            resolve=resolve, recover=lambda: recovered,
+        )  # fmt: skip
+
+    by_id = store(StartFrom("id", id=7), None, "by-id")
+    assert [by_id.load_state().cursor, by_id.load_state().cursor] == [7, 7]  # not 0 later
+    assert not (tmp_path / "by-id.json").exists()  # the same every start: not committed
+    latest = store(StartFrom("latest"), None, "latest")
+    assert latest.load() == 4242
+    assert json.loads((tmp_path / "latest.json").read_text())["cursor"] == 4242  # found: kept
+    recovered = store(StartFrom("earliest"), 99, "recovered")
+    assert recovered.load() == 99
+    assert json.loads((tmp_path / "recovered.json").read_text())["cursor"] == 99
+    assert calls == ["resolve 7", "resolve latest"]  # each resolved once
