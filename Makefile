@@ -31,8 +31,10 @@ lint: bootstrap
 test: bootstrap lint
 	$(VENV)/bin/pytest
 
+# On a terminal the demo runs as a job of its own (bash -m), so Ctrl-C reaches the demo
+# (which stops everything and exits 0) and not make itself, which would die of SIGINT.
 demo: bootstrap
-	scripts/demo
+	@if [ -t 0 ]; then bash -mc 'scripts/demo; exit $$?'; else scripts/demo; fi
 
 bench: bootstrap
 	$(PY) -m bench

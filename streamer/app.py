@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry
 
@@ -30,11 +33,12 @@ from streamer.cursor import (
     MemoryCursorStore,
 )
 from streamer.endpoint import Credentials, tls_context
-from streamer.errors import ConfigError
+from streamer.errors import ConfigError, KafkaUnavailableError, TopicError
 from streamer.health import HealthServer, KafkaCheck, Readiness
 from streamer.limits import BodyLimits
+from streamer.logs import LIBRDKAFKA, fields
 from streamer.metrics import FeedMetrics, Metrics, SftpMetrics
-from streamer.pipeline import FeedPipeline
+from streamer.pipeline import FeedPipeline, PollResult
 from streamer.publisher import (
     Publisher,
     TimestampLimits,
@@ -43,6 +47,7 @@ from streamer.publisher import (
     timestamp_limits,
 )
 from streamer.retry import Backoff
+from streamer.running import FileLock, KafkaLease, lease_holder
 from streamer.scheduler import FeedRunner, Runner, SftpRunner, run_together
 from streamer.sink import Encoder, EventSink, PublisherSlot
 from streamer.sources.base import FileServer
@@ -50,8 +55,12 @@ from streamer.sources.feed import FeedClient, FeedQuery, FeedTimeouts
 from streamer.sources.files import FileCollector
 from streamer.sources.ftp import FtpServer
 from streamer.sources.sftp import SftpServer
+from streamer.startup import StartingCursorStore, recover_cursor, resolve_start, wait_for_kafka
+from streamer.status import StatusBoard
 
 log = logging.getLogger("streamer")
+
+CONNECT_TIMEOUT_S = 5.0  # a metadata request at start: the broker answers, or we say so
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +72,27 @@ class Unit:
 
 
 def _provision(settings: Settings) -> TimestampLimits:
-    """Create or check the topics; the event topic's timestamp limits."""
+    """Create or check the topics; the event topic's timestamp limits.
+
+    KafkaUnavailableError while the cluster does not answer (startup.wait_for_kafka retries).
+    """
     k = settings.kafka
-    admin = AdminClient({**k.producer, "bootstrap.servers": k.bootstrap_servers})
+    admin = AdminClient({**k.producer, "bootstrap.servers": k.bootstrap_servers}, logger=LIBRDKAFKA)
+    try:
+        admin.list_topics(timeout=CONNECT_TIMEOUT_S)
+    except KafkaException as exc:
+        admin.poll(0)  # its queued log lines go to the folding logger, not into memory
+        raise KafkaUnavailableError(
+            f"no answer within {CONNECT_TIMEOUT_S:g} s: {exc.args[0].str()}"
+        ) from exc
+    try:
+        return _provision_topics(admin, settings)
+    finally:
+        admin.poll(0)
+
+
+def _provision_topics(admin: AdminClient, settings: Settings) -> TimestampLimits:
+    k = settings.kafka
     for topic in (k.topic, k.dead_letter_topic):
         provision_topic(
             admin, topic, partitions=k.partitions, replication_factor=k.replication_factor,
@@ -76,7 +103,15 @@ def _provision(settings: Settings) -> TimestampLimits:
             admin, k.cursor_topic, partitions=1, replication_factor=k.replication_factor,
             min_insync_replicas=k.min_insync_replicas, compacted=True,
         )  # fmt: skip
-    return timestamp_limits(admin, k.topic)
+    # A topic just created may not be known yet to the broker that answers describe_configs.
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            return timestamp_limits(admin, k.topic)
+        except TopicError as exc:
+            if "Unknown topic" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # the polling period of the condition above
 
 
 def _cursor_store(settings: Settings, feed: FeedSettings) -> CursorStore:
@@ -87,6 +122,64 @@ def _cursor_store(settings: Settings, feed: FeedSettings) -> CursorStore:
             initial=feed.initial_cursor, client_config=k.producer,
         )  # fmt: skip
     return FileCursorStore(Path(feed.cursor_file), feed.name, feed.initial_cursor)
+
+
+def feed_client(
+    feed: FeedSettings,
+    query: FeedQuery | None = None,
+    *,
+    stop: threading.Event | None = None,
+    on_request: Callable[[str, float, int], None] | None = None,
+) -> FeedClient:
+    """The feed's HTTP client; `query` None: the feed's own format and filters."""
+    if query is None:
+        query = FeedQuery(
+            format=feed.format, callsonly=feed.callsonly, servicesonly=feed.servicesonly
+        )
+    return FeedClient(
+        feed.url,
+        feed.login,
+        feed.password,
+        query=query,
+        method=feed.method,
+        timeouts=FeedTimeouts(feed.connect_timeout_s, feed.read_timeout_s, feed.request_deadline_s),
+        max_attempts=1,  # one retry counter: the runner's (scheduler.py)
+        stop=stop,
+        on_request=on_request,
+        name=feed.name,
+        limits=BodyLimits(feed.max_body_bytes, feed.max_expansion_ratio),
+        ca_file=feed.ca_file,
+        encoding=feed.encoding,
+    )
+
+
+def cursor_store(settings: Settings, feed: FeedSettings) -> CursorStore:
+    """A feed's cursor store as configured (file or Kafka), for the cursor command."""
+    return _cursor_store(settings, feed)
+
+
+def sftp_cursor_store(settings: Settings, source: SftpSettings) -> JsonCursorStore:
+    """An SFTP source's cursor store as configured, for the cursor command."""
+    return _sftp_cursor_store(settings, source)
+
+
+def transactional_id(settings: Settings, name: str, *, sftp: bool = False) -> str:
+    """The transactional id of a feed's (or an unpaired SFTP source's) producer."""
+    prefix = settings.kafka.transactional_id_prefix
+    return f"{prefix}-sftp-{name}" if sftp else f"{prefix}-{name}"
+
+
+def _starting_store(settings: Settings, feed: FeedSettings, client: FeedClient) -> CursorStore:
+    """The feed's store, deciding the first cursor when it holds none (startup.py)."""
+    k = settings.kafka
+    zone = ZoneInfo(feed.timezone)
+    return StartingCursorStore(
+        _cursor_store(settings, feed),
+        feed=feed.name,
+        start_from=feed.start_from,
+        resolve=lambda start: resolve_start(client, start, zone),
+        recover=lambda: recover_cursor(k.bootstrap_servers, k.producer, k.topic, feed.name),
+    )
 
 
 def _publisher_slot(
@@ -106,6 +199,9 @@ def _publisher_factory(
 ) -> Callable[[], Publisher]:
     k = settings.kafka
     config = producer_config(k.bootstrap_servers, k.producer)
+    if source_metrics is not None and "client.id" not in k.producer:
+        # librdkafka's log lines carry the client id: they name the feed too.
+        config["client.id"] = f"cdr-streamer-{source_metrics.feed}"
 
     def new_publisher() -> Publisher:
         if source_metrics is None:
@@ -137,27 +233,16 @@ def _build_pipeline(
     stop: threading.Event,
     *,
     query: FeedQuery,
-    cursor_store: CursorStore,
+    cursor_store: CursorStore | None,
     exactly_once: bool,
     limits: TimestampLimits,
+    headers: Sequence[tuple[str, str | bytes | None]] = (),
 ) -> FeedPipeline:
+    """`cursor_store` None: the feed's own store, deciding a first cursor if it has none."""
     feed_metrics = metrics.for_feed(feed.name, poll_interval_s=feed.poll_interval_s)
-    client = FeedClient(
-        feed.url,
-        feed.login,
-        feed.password,
-        query=query,
-        method=feed.method,
-        timeouts=FeedTimeouts(feed.connect_timeout_s, feed.read_timeout_s, feed.request_deadline_s),
-        max_attempts=feed.max_attempts,
-        backoff=Backoff(feed.backoff_base_s, feed.backoff_max_s),
-        stop=stop,
-        on_request=feed_metrics.request,
-        name=feed.name,
-        limits=BodyLimits(feed.max_body_bytes, feed.max_expansion_ratio),
-        ca_file=feed.ca_file,
-        encoding=feed.encoding,
-    )
+    client = feed_client(feed, query, stop=stop, on_request=feed_metrics.request)
+    if cursor_store is None:
+        cursor_store = _starting_store(settings, feed, client)
     k = settings.kafka
     transactional_id = f"{k.transactional_id_prefix}-{feed.name}" if exactly_once else None
     return FeedPipeline(
@@ -175,21 +260,52 @@ def _build_pipeline(
         ids_ascending=feed.ids_ascending,
         timestamp_limits=limits,
         timezone=feed.timezone,
+        headers=headers,
     )
 
 
 def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner]:
     """Run every unit of work until `stop` (or, with `once`, until each has nothing more).
 
-    Returns the runners, whose `error` says which stopped on a fatal error.
+    Waits for Kafka first (not ready meanwhile). Returns the runners, whose `error` says
+    which stopped on a fatal error (none when stopped before Kafka answered).
     """
-    limits = _provision(settings)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    sftp_metrics = SftpMetrics(registry) if settings.sftp else None
+    configured = [("feed", f.name) for f in settings.feeds] + [
+        ("sftp", s.name) for s in settings.sftp
+    ]
+    board = StatusBoard(metrics, configured, kafka_servers=settings.kafka.bootstrap_servers)
+    claims = Claims(settings)
+    claims.claim_files()  # a second instance on the same cursor files stops here
     health: HealthServer | None = None
-    if settings.metrics.port:
-        health = _start_health_server(settings, metrics)
+    try:
+        if settings.metrics.port:
+            health = _start_health_server(settings, metrics, board)
+        limits = wait_for_kafka(
+            lambda: _provision(settings), stop,
+            servers=settings.kafka.bootstrap_servers, on_waiting=board.waiting,
+        )  # fmt: skip
+        if limits is None:
+            return []
+        claims.claim_kafka()
+        units = _units(settings, metrics, stop, limits)
+        runners = [member for unit in units for member in unit.runners]
+        board.attach(runners)
+        _run_units(units, stop, once=once)
+        for member in runners:
+            member.close()
+        return runners
+    finally:
+        claims.release()
+        if health is not None:
+            health.stop()
+
+
+def _units(
+    settings: Settings, metrics: Metrics, stop: threading.Event, limits: TimestampLimits
+) -> list[Unit]:
+    sftp_metrics = SftpMetrics(metrics.registry) if settings.sftp else None
     exactly_once = settings.kafka.delivery == "exactly_once"
     # A feed and the SFTP source paired with it take turns in one thread (sources/sftp.py).
     units: list[Unit] = []
@@ -215,7 +331,7 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
             query=FeedQuery(
                 format=feed.format, callsonly=feed.callsonly, servicesonly=feed.servicesonly
             ),
-            cursor_store=_cursor_store(settings, feed),
+            cursor_store=None,
             exactly_once=exactly_once,
             limits=limits,
         )
@@ -226,6 +342,7 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
             page_size=feed.page_size,
             backoff=Backoff(feed.backoff_base_s, feed.backoff_max_s),
         )
+        runner.max_failures = feed.max_attempts
         group: list[Runner] = [runner]
         # The cursor is read by the first poll: in exactly-once mode only after the
         # transactional producer has fenced any older instance.
@@ -247,6 +364,10 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
         if not source.pairs_with_feed and sftp_metrics is not None:
             collector = _build_sftp(settings, source, metrics, sftp_metrics, stop, limits=limits)
             units.append(Unit(f"sftp-{source.name}", [_sftp_runner(collector, source)]))
+    return units
+
+
+def _run_units(units: list[Unit], stop: threading.Event, *, once: bool) -> None:
     threads: list[threading.Thread] = []
     for unit in units:
         thread = threading.Thread(
@@ -261,12 +382,60 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
     while any(t.is_alive() for t in threads):
         for t in threads:
             t.join(0.5)
-    runners = [member for unit in units for member in unit.runners]
-    for member in runners:
-        member.close()
-    if health is not None:
-        health.stop()
-    return runners
+
+
+class Claims:
+    """This process runs these feeds and sources: cursor-file locks, Kafka leases (running.py)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._locks: list[FileLock] = []
+        self._lease: KafkaLease | None = None
+
+    def claim_files(self) -> None:
+        if self.settings.kafka.cursor_store == "kafka":
+            return
+        try:
+            for feed in self.settings.feeds:
+                self._take(FileLock(Path(feed.cursor_file)), f"feed {feed.name}")
+            for source in self.settings.sftp:
+                self._take(FileLock(Path(source.cursor_file)), f"sftp {source.name}")
+        except BaseException:
+            self.release()
+            raise
+
+    def _take(self, lock: FileLock, what: str) -> None:
+        try:
+            lock.acquire(what)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the lock {lock.path}: {exc.strerror}") from exc
+        self._locks.append(lock)
+
+    def claim_kafka(self) -> None:
+        k = self.settings.kafka
+        if k.cursor_store != "kafka":
+            return
+        owners = [f.name for f in self.settings.feeds] + [
+            f"sftp:{s.name}" for s in self.settings.sftp
+        ]
+        for owner in owners:
+            holder = lease_holder(k.bootstrap_servers, k.producer, k.cursor_topic, owner)
+            if holder is not None:
+                log.warning(
+                    "%s may be running elsewhere too (%s): only one cdr-streamer may run a feed%s",
+                    owner, holder,
+                    "; exactly-once fences the other" if k.delivery == "exactly_once" else "",
+                )  # fmt: skip
+        self._lease = KafkaLease(k.bootstrap_servers, k.producer, k.cursor_topic, owners)
+        self._lease.start()
+
+    def release(self) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks.clear()
+        if self._lease is not None:
+            self._lease.stop()
+            self._lease = None
 
 
 def _sftp_cursor_store(settings: Settings, source: SftpSettings) -> JsonCursorStore:
@@ -388,8 +557,8 @@ def _sftp_runner(collector: FileCollector, source: SftpSettings) -> SftpRunner:
     )
 
 
-def _start_health_server(settings: Settings, metrics: Metrics) -> HealthServer:
-    """/metrics, /healthz and /readyz on the metrics port."""
+def _start_health_server(settings: Settings, metrics: Metrics, board: StatusBoard) -> HealthServer:
+    """/metrics, /healthz, /readyz, and the status (/status, /) on the metrics port."""
     k, m = settings.kafka, settings.metrics
     kafka_check = KafkaCheck({**k.producer, "bootstrap.servers": k.bootstrap_servers})
     readiness = Readiness(
@@ -397,6 +566,7 @@ def _start_health_server(settings: Settings, metrics: Metrics) -> HealthServer:
         kafka_check,
         max_failing_s=m.ready_max_failing_s,
         max_poll_s=m.ready_max_poll_s,
+        extra=board.problems,
     )
     credentials = None
     if m.basic_auth_user or m.bearer_token is not None:
@@ -418,6 +588,7 @@ def _start_health_server(settings: Settings, metrics: Metrics) -> HealthServer:
         credentials=credentials,
         auth_probes=m.auth_probes,
         tls=tls,
+        pages=board.pages(),
     )
     try:
         health.start()
@@ -428,13 +599,13 @@ def _start_health_server(settings: Settings, metrics: Metrics) -> HealthServer:
         "" if credentials is None else ", credentials required" + ("" if m.auth_probes else
         " except for the probes")
     )  # fmt: skip
+    shown = "127.0.0.1" if m.host in ("0.0.0.0", "") else m.host  # noqa: S104 - where to look
     log.info(
-        "metrics on %s://%s:%d/metrics, also /healthz and /readyz%s",
-        scheme, m.host, health.port, guarded,
+        "status on %s://%s:%d/ (JSON: /status), metrics on /metrics, also /healthz and /readyz%s",
+        scheme, shown, health.port, guarded,
+        extra=fields("listening", host=m.host, port=health.port),
     )  # fmt: skip
     return health
-
-
 
 
 def backfill(
@@ -447,9 +618,17 @@ def backfill(
     callsonly: bool,
     servicesonly: bool,
 ) -> Runner:
-    """Publish one day (or hour) of `feed` again, without reading or moving its live cursor."""
-    limits = _provision(settings)
+    """Publish one day (or hour) of `feed` again, without reading or moving its live cursor.
+
+    Its events carry a `replay` header (`backfill:DAY` or `backfill:DAYTHH`).
+    """
+    limits = wait_for_kafka(
+        lambda: _provision(settings), stop, servers=settings.kafka.bootstrap_servers
+    )
+    if limits is None:
+        raise KeyboardInterrupt  # stopped while waiting for Kafka: nothing was done
     metrics = Metrics(CollectorRegistry())
+    window = f"{day}" + (f"T{hour:02d}" if hour is not None else "")
     # The live cursor is neither read nor moved: the backfill keeps its own in memory.
     pipeline = _build_pipeline(
         settings,
@@ -467,18 +646,52 @@ def backfill(
         cursor_store=MemoryCursorStore(0),
         exactly_once=False,  # a backfill re-publishes on purpose; it has no cursor to protect
         limits=limits,
+        headers=[("replay", f"backfill:{window}".encode())],
     )
-    runner = FeedRunner(
+    runner = BackfillRunner(
         pipeline,
         poll_interval_s=0,
         page_size=feed.page_size,
         backoff=Backoff(feed.backoff_base_s, feed.backoff_max_s),
     )
-    window = f"{day}" + (f" hour {hour}" if hour is not None else "")
-    log.info("backfill of feed %s for %s", feed.name, window)
+    runner.window = window.replace("T", " hour ")
+    runner.max_failures = feed.max_attempts
+    log.info(
+        "backfill of feed %s for %s: the live cursor is neither read nor moved",
+        feed.name, runner.window,
+    )  # fmt: skip
     try:
         runner.run(stop, once=True)
     finally:
         pipeline.close()
-    log.info("backfill of feed %s for %s done", feed.name, window)
+    log.info(
+        "backfill of feed %s for %s done: %d rows, %d published, %d dead letters%s",
+        feed.name, runner.window, runner.rows, runner.published, runner.dead_lettered,
+        f", IDs up to {runner.highest}" if runner.highest else "",
+        extra=fields(
+            "backfill_done", window=window, rows=runner.rows, published=runner.published,
+            dead_letters=runner.dead_lettered, highest_id=runner.highest,
+        ),
+    )  # fmt: skip
     return runner
+
+
+class BackfillRunner(FeedRunner):
+    """A feed runner whose log lines tell the backfill's window, not a cursor move."""
+
+    kind = "feed"
+    window = ""
+    rows = published = dead_lettered = highest = 0
+
+    def _log_poll(self, result: PollResult) -> None:
+        self.rows += result.rows
+        self.published += result.published
+        self.dead_lettered += result.dead_lettered
+        self.highest = max(self.highest, result.cursor_after)
+        self.last_summary = f"backfill {self.window}: {result.rows} rows"
+        log.info(
+            "backfill of feed %s for %s: %d rows in %.1f s: %d published, %d dead letters, "
+            "%d repeated in the response",
+            self.name, self.window, result.rows, result.seconds, result.published,
+            result.dead_lettered, result.duplicates,
+        )  # fmt: skip

@@ -1,24 +1,26 @@
 """Command line: arguments -> Settings -> components -> run; exit codes.
 
-Exit codes: 0 stopped cleanly; 1 a fatal error (configuration, Kafka topics);
-2 bad command-line usage; 3 every feed (and SFTP source) stopped on a fatal error
-(e.g. bad credentials); 4 (`tail`) some messages could not be decoded.
+Exit codes: 0 stopped cleanly; 1 a fatal error (configuration, Kafka topics, a
+cursor command refused, a check-config --connect check failed); 2 bad command-line
+usage; 3 every feed (and SFTP source) stopped on a fatal error (e.g. refused
+credentials: starting again sends the same ones, so do not restart on 3 in a loop);
+4 (`tail`) some messages could not be decoded.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
-import sys
 import threading
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 from types import FrameType
 
-from streamer import __version__, app, redact
-from streamer.config import Settings, check_backfill_window, is_secret_setting, load_settings
+from streamer import __version__, app, logs, redact
+from streamer.config import Settings, check_backfill_window, load_settings
 from streamer.errors import ConfigError, FatalError
 from streamer.scheduler import Runner
 
@@ -65,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity (default: INFO)",
+        help="log verbosity (default: INFO; DEBUG adds each HTTP request)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line for log shippers (default: text)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -96,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument(
         "--date",
         required=True,
-        type=date.fromisoformat,
+        type=_day,
         metavar="YYYY-MM-DD",
-        help="the day to fetch, in the provider's local time",
+        help="the day to fetch, in the provider's local time (e.g. 2024-05-22)",
     )
     backfill.add_argument("--hour", type=int, metavar="0-23", help="only this hour of --date")
     only = backfill.add_mutually_exclusive_group()
@@ -107,9 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser(
         "check-config",
-        help="validate a configuration file and print it (passwords hidden)",
+        help="validate a configuration file and print it (secrets hidden)",
+        description="Validate a configuration file (with the environment's overrides) and "
+        "print every setting, defaults included, secrets masked. With --connect, also try "
+        "the broker, the schema registry, each feed's login and each SFTP login once: "
+        "nothing is published and no cursor moves.",
     )
     _add_config_args(check)
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="try each connection once and say what works (exit 1 if anything fails)",
+    )
+
+    from streamer.cursor_cli import add_cursor_parser
+
+    add_cursor_parser(sub, _add_config_args)
 
     from streamer.simulator.cli import add_simulate_files_parser, add_simulate_parser
 
@@ -125,14 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Before the first log line: every record and uncaught traceback is redacted.
     redact.install()
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.log_level != "DEBUG":
-        # paramiko logs every connection and failed login at INFO; our own lines say it.
-        logging.getLogger("paramiko").setLevel(logging.WARNING)
+    logs.setup(args.log_level, args.log_format)
     try:
         if args.command == "simulate":
             from streamer.simulator.cli import run_simulate
@@ -148,14 +162,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_tail(args)
         settings = load_settings(args.config, bootstrap_servers=args.bootstrap_servers)
         if args.command == "check-config":
-            print(redact.redact(str(settings)))
-            producer = {
-                # "key" hides key paths too (ssl.key.location): shown, not secret, but private.
-                k: "********" if is_secret_setting(k) or "key" in k else v
-                for k, v in settings.kafka.producer.items()
-            }
-            print(redact.redact(f"kafka.producer={producer}"))
+            from streamer import check
+
+            print(redact.redact(check.render(settings, str(args.config))), end="")
+            if args.connect:
+                print()
+                return check.connect(settings)
             return EXIT_OK
+        if args.command == "cursor":
+            from streamer.cursor_cli import run_cursor
+
+            return run_cursor(settings, args)
         stop = threading.Event()
         _stop_on_signals(stop)
         if args.command == "backfill":
@@ -166,6 +183,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FATAL
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _day(text: str) -> date:
+    """--date: YYYY-MM-DD exactly, as the provider's `date` parameter takes it."""
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        try:
+            return date.fromisoformat(text)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a date as YYYY-MM-DD (the provider's local date), e.g. 2024-05-22"
+    )
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

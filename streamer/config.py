@@ -12,9 +12,10 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +78,43 @@ class Secret:
 
 
 @dataclass(frozen=True, slots=True)
+class StartFrom:
+    """Where a feed without a committed cursor begins: earliest, an ID, a date, or latest."""
+
+    kind: Literal["earliest", "latest", "id", "date"] = "earliest"
+    id: int = 0
+    day: date | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "id":
+            return str(self.id)
+        if self.kind == "date":
+            return str(self.day)
+        return self.kind
+
+    @classmethod
+    def parse(cls, value: object) -> StartFrom:
+        """From the setting's value; ValueError with what is accepted."""
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return cls("id", id=value)
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("earliest", "latest"):
+                return cls(text)  # type: ignore[arg-type]
+            if text.isascii() and text.isdigit():
+                return cls("id", id=int(text))
+            if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+                try:
+                    return cls("date", day=date.fromisoformat(text))
+                except ValueError:
+                    pass
+        raise ValueError(
+            "must be earliest, latest, a CDR ID (a whole number) or a date YYYY-MM-DD, "
+            f"not {value!r}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class FeedSettings:
     """One billing feed: where it is, who we are, how often to ask, where its cursor lives."""
 
@@ -107,7 +145,9 @@ class FeedSettings:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
     cursor_file: str = ""
-    initial_cursor: int = 0
+    initial_cursor: int = 0  # the older spelling of start_from = ID
+    # Where a feed without a committed cursor begins (startup.py).
+    start_from: StartFrom = StartFrom()
     # The provider's local time zone: what its `date` and `hour` parameters mean.
     timezone: str = "Pacific/Auckland"
     # HTTPS: the CA certificates (PEM) to trust for the feed instead of the public ones
@@ -140,6 +180,8 @@ class KafkaSettings:
     checkpoint_every: int = 10_000
     # librdkafka settings; may hold secrets (sasl.password), so never in a repr.
     producer: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Producer settings that are secrets: given as NAME_env or NAME_file, or named so.
+    producer_secrets: frozenset[str] = frozenset()
     # Set: Confluent Schema Registry framing, subject "<topic>-value"; empty: single-object.
     schema_registry_url: str = ""
     schema_registry_auto_register: bool = True
@@ -326,10 +368,17 @@ def parse_settings(
     env: Mapping[str, str] | None = None,
     source: str = "configuration",
     bootstrap_servers: str | None = None,
+    base_dir: Path | None = None,
 ) -> Settings:
-    """Build Settings from parsed TOML; `bootstrap_servers` (CLI or env) overrides the file."""
+    """Build Settings from parsed TOML; `bootstrap_servers` (CLI or env) overrides the file.
+
+    `base_dir` (the config file's folder): relative paths in the file are relative to it.
+    """
     env = os.environ if env is None else env
     problems = _Problems()
+    data = apply_env_overrides(data, env, problems)
+    if base_dir is not None:
+        data = _resolve_paths(data, base_dir)
     for key in data:
         if key not in {"kafka", "feeds", "metrics", "sftp"}:
             problems.add(key, "unknown section (known: kafka, feeds, sftp, metrics)")
@@ -344,7 +393,7 @@ def parse_settings(
     feed_tables: dict[str, dict[str, Any]] = {}
     for i, table in enumerate(tables):
         where = f"feeds[{i}]"
-        args = _take(table, FeedSettings, where, problems, _PASSWORD_KEYS)
+        args = _take(table, FeedSettings, where, problems, _PASSWORD_KEYS | {"start_from"})
         name = str(args.get("name", ""))
         where = f"feeds[{name or i}]"
         for required in ("name", "url", "login"):
@@ -356,11 +405,17 @@ def parse_settings(
         args["password"] = _password(table, where, env, problems)
         feed_tables[name] = args
         _check_feed(args, where, problems)
+        _start_from(table, args, where, problems)
         if not problems.items:
-            args.setdefault("cursor_file", f"var/cursor-{name}.json")
+            default_cursor = Path(f"var/cursor-{name}.json")
+            if base_dir is not None:
+                default_cursor = base_dir / default_cursor
+            args.setdefault("cursor_file", str(default_cursor))
             feeds.append(FeedSettings(**args))
 
-    sftp = _sftp_sources(data.get("sftp", []), feed_tables, names, env, problems)
+    sftp = _sftp_sources(
+        data.get("sftp", []), feed_tables, names, env, problems, base=base_dir or Path()
+    )
     metrics_args = _metrics(data.get("metrics", {}), env, problems)
     problems.raise_if_any(source)
     return Settings(
@@ -385,6 +440,7 @@ def _kafka_args(
         or kafka_table.get("bootstrap_servers")
     )
     kafka_table.pop("bootstrap_servers", None)
+    registry_password = _registry_secrets(kafka_table, env, problems)
     kafka_args = _take(kafka_table, KafkaSettings, "kafka", problems, set())
     if not servers:
         problems.add("kafka.bootstrap_servers", "not set (or set KAFKA_BOOTSTRAP_SERVERS)")
@@ -406,11 +462,12 @@ def _kafka_args(
     if not isinstance(producer, Mapping):
         problems.add("kafka.producer", "must be a table of librdkafka settings")
     else:
-        kafka_args["producer"] = {str(k): str(v) for k, v in producer.items()}
-        for key, value in kafka_args["producer"].items():
-            if is_secret_setting(key):
-                redact.register(value)
-    _check_schema_registry(kafka_args, env, problems)
+        values, secret_keys = _producer_settings(producer, env, problems)
+        kafka_args["producer"] = values
+        kafka_args["producer_secrets"] = secret_keys
+        for key in secret_keys:
+            redact.register(values[key])
+    _check_schema_registry(kafka_args, env, problems, registry_password)
     return servers, kafka_args
 
 
@@ -519,6 +576,8 @@ def _sftp_sources(
     names: set[str],
     env: Mapping[str, str],
     problems: _Problems,
+    *,
+    base: Path = Path(),
 ) -> list[SftpSettings]:
     """The [[sftp]] tables, each checked against the feeds it may pair with."""
     if not isinstance(tables, list):
@@ -542,7 +601,7 @@ def _sftp_sources(
         )
         _check_sftp(args, where, feeds, paired, problems)
         if not problems.items:
-            args.setdefault("cursor_file", f"var/sftp-cursor-{name}.json")
+            args.setdefault("cursor_file", str(base / f"var/sftp-cursor-{name}.json"))
             sources.append(SftpSettings(**args))
     return sources
 
@@ -663,13 +722,22 @@ def _check_pairing(
 
 
 def _check_schema_registry(
-    args: dict[str, Any], env: Mapping[str, str], problems: _Problems
+    args: dict[str, Any],
+    env: Mapping[str, str],
+    problems: _Problems,
+    given: Secret | None = None,
 ) -> None:
-    """The registry settings; its password, like a feed's, never sits in the file."""
-    hint = f"set schema_registry_user and the {SCHEMA_REGISTRY_PASSWORD_ENV} environment variable"
+    """The registry settings; its password, like a feed's, never sits in the file.
+
+    `given`: the password from schema_registry_password_env or _file.
+    """
+    hint = (
+        f"set schema_registry_user and the {SCHEMA_REGISTRY_PASSWORD_ENV} environment variable "
+        "(or schema_registry_password_env / _file)"
+    )
     if "schema_registry_password" in args:
         problems.add("kafka.schema_registry_password", f"not in the file: {hint}")
-    password = env.get(SCHEMA_REGISTRY_PASSWORD_ENV, "")
+    password = given.reveal() if given is not None else env.get(SCHEMA_REGISTRY_PASSWORD_ENV, "")
     args["schema_registry_password"] = Secret(password)
     # The Authorization header made of it, should a registry or proxy echo it back.
     redact.register_basic_auth(str(args.get("schema_registry_user", "")), password)
@@ -759,9 +827,13 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
 def load_settings(
     path: Path, *, env: Mapping[str, str] | None = None, bootstrap_servers: str | None = None
 ) -> Settings:
-    """Read a TOML configuration file."""
+    """Read a TOML configuration file; its relative paths are relative to its folder."""
     return parse_settings(
-        _read_toml(path), env=env, source=str(path), bootstrap_servers=bootstrap_servers
+        _read_toml(path),
+        env=env,
+        source=str(path),
+        bootstrap_servers=bootstrap_servers,
+        base_dir=path.resolve().parent,
     )
 
 
@@ -781,3 +853,194 @@ def check_backfill_window(day: date | None, hour: int | None) -> None:
         raise ConfigError("--hour needs --date: the provider only filters an hour within a date")
     if hour is not None and not 0 <= hour <= 23:
         raise ConfigError(f"--hour must be 0-23, not {hour}")
+
+
+# --- secrets by reference, environment overrides, paths --------------------------------------
+
+ENV_PREFIX = "CDR_STREAMER_"
+_REGISTRY_KEYS = ("schema_registry_url", "schema_registry_user", "schema_registry_password")
+
+
+
+def _reference(
+    ref: object, suffix: str, where: str, env: Mapping[str, str], problems: _Problems
+) -> str:
+    """The value a NAME_env (a variable's name) or NAME_file (a path) refers to."""
+    if suffix == "_env":
+        value = env.get(str(ref))
+        if not value:
+            problems.add(where, f"environment variable {ref} is not set")
+        return value or ""
+    try:
+        return Path(str(ref)).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        problems.add(where, f"cannot read {ref}: {exc.strerror}")
+        return ""
+
+
+def _producer_settings(
+    table: Mapping[str, Any], env: Mapping[str, str], problems: _Problems
+) -> tuple[dict[str, str], frozenset[str]]:
+    """[kafka.producer]: NAME_env and NAME_file read into NAME; which settings are secrets."""
+    values: dict[str, str] = {}
+    secrets: set[str] = set()
+    for key, value in table.items():
+        key = str(key)
+        for suffix in ("_env", "_file"):
+            if key.endswith(suffix):
+                name = key[: -len(suffix)]
+                if name in table:
+                    problems.add(f"kafka.producer.{key}", f"{name} is given twice: keep one")
+                values[name] = _reference(value, suffix, f"kafka.producer.{key}", env, problems)
+                secrets.add(name)
+                break
+        else:
+            values[key] = str(value)
+            if is_secret_setting(key):
+                secrets.add(key)
+    return values, frozenset(secrets)
+
+
+def _registry_secrets(
+    table: dict[str, Any], env: Mapping[str, str], problems: _Problems
+) -> Secret | None:
+    """schema_registry_* given as NAME_env or NAME_file (popped from `table`); the password."""
+    password: Secret | None = None
+    for key in _REGISTRY_KEYS:
+        for suffix in ("_env", "_file"):
+            ref = table.pop(key + suffix, None)
+            if ref is None:
+                continue
+            value = _reference(ref, suffix, f"kafka.{key}{suffix}", env, problems)
+            if key == "schema_registry_password":
+                password = Secret(value)
+            else:
+                table[key] = value
+    return password
+
+
+def _env_value(raw: str, default: object, where: str, problems: _Problems) -> object:
+    """An environment variable's text as the type of the setting's default."""
+    if isinstance(default, bool):
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        problems.add(where, f"must be true or false, not {raw!r}")
+        return default
+    if isinstance(default, int | float):
+        try:
+            return int(raw) if isinstance(default, int) else float(raw)
+        except ValueError:
+            problems.add(where, f"must be a number, not {raw!r}")
+            return default
+    return raw
+
+
+def _producer_name(text: str) -> str:
+    """SASL_MECHANISM -> sasl.mechanism (Confluent's images: _ is a dot, __ an underscore)."""
+    return ".".join(part.replace("\0", "_") for part in text.replace("__", "\0").lower().split("_"))
+
+
+def apply_env_overrides(
+    data: Mapping[str, Any], env: Mapping[str, str], problems: _Problems
+) -> dict[str, Any]:
+    """The file's settings with CDR_STREAMER_<SECTION>_<SETTING> variables applied over them.
+
+    `CDR_STREAMER_KAFKA_TOPIC`, `CDR_STREAMER_METRICS_PORT`, ... set any [kafka] or
+    [metrics] setting; `CDR_STREAMER_KAFKA_PRODUCER_SASL_MECHANISM` sets
+    [kafka.producer] "sasl.mechanism" (`__` stands for an underscore in a name).
+    """
+    out: dict[str, Any] = dict(data)
+    sections: dict[str, type[Any]] = {"KAFKA": KafkaSettings, "METRICS": MetricsSettings}
+    for variable in sorted(env):
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        rest, raw = variable[len(ENV_PREFIX) :], env[variable]
+        if rest.startswith("KAFKA_PRODUCER_"):
+            kafka = dict(out.get("kafka", {}))
+            producer = dict(kafka.get("producer", {}))
+            producer[_producer_name(rest[len("KAFKA_PRODUCER_") :])] = raw
+            kafka["producer"] = producer
+            out["kafka"] = kafka
+            continue
+        section, _, name = rest.partition("_")
+        cls = sections.get(section)
+        known = {f.name: f for f in fields(cls)} if cls is not None else {}
+        key = name.lower()
+        settable = key in known and key not in ("producer", "producer_secrets")
+        if key in ("schema_registry_password",) and cls is KafkaSettings:
+            problems.add(variable, f"use {SCHEMA_REGISTRY_PASSWORD_ENV} for the registry password")
+            continue
+        if key in ("basic_auth_password", "bearer_token") and cls is MetricsSettings:
+            problems.add(variable, f"set [metrics] {key}_env or {key}_file in the file instead")
+            continue
+        if not settable:
+            problems.add(
+                variable,
+                f"not a setting: use {ENV_PREFIX}KAFKA_<SETTING>, {ENV_PREFIX}METRICS_<SETTING> "
+                f"or {ENV_PREFIX}KAFKA_PRODUCER_<NAME>",
+            )
+            continue
+        table = dict(out.get(section.lower(), {}))
+        default = known[key].default
+        table[key] = _env_value(raw, "" if default is MISSING else default, variable, problems)
+        out[section.lower()] = table
+    return out
+
+
+_PATH_KEYS = {
+    "feeds": ("cursor_file", "password_file"),
+    "sftp": (
+        "cursor_file", "password_file", "key_passphrase_file", "key_file", "known_hosts", "ca_file"
+    ),
+}
+
+
+def _resolve_paths(data: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """Relative file paths of the configuration, made relative to its folder `base`."""
+
+    def resolved(value: object) -> object:
+        if isinstance(value, str) and value and not value.startswith("~"):
+            path = Path(value)
+            return value if path.is_absolute() else str(base / path)
+        return value
+
+    out: dict[str, Any] = dict(data)
+    for section, keys in _PATH_KEYS.items():
+        tables = out.get(section)
+        if isinstance(tables, list):
+            out[section] = [
+                {k: resolved(v) if k in keys else v for k, v in t.items()}
+                if isinstance(t, Mapping)
+                else t
+                for t in tables
+            ]
+    metrics = out.get("metrics")
+    if isinstance(metrics, Mapping):  # TLS files, basic_auth_password_file, bearer_token_file
+        out["metrics"] = {
+            k: resolved(v) if str(k).endswith("_file") else v for k, v in metrics.items()
+        }
+    kafka = out.get("kafka")
+    if isinstance(kafka, Mapping):
+        kafka = {k: resolved(v) if str(k).endswith("_file") else v for k, v in kafka.items()}
+        producer = kafka.get("producer")
+        if isinstance(producer, Mapping):
+            kafka["producer"] = {
+                k: resolved(v) if str(k).endswith("_file") else v for k, v in producer.items()
+            }
+        out["kafka"] = kafka
+    return out
+
+
+def _start_from(
+    table: Mapping[str, Any], args: dict[str, Any], where: str, problems: _Problems
+) -> None:
+    """start_from (or the older initial_cursor) into a StartFrom."""
+    if "start_from" in table and "initial_cursor" in table:
+        problems.add(where, "start_from and initial_cursor say the same: keep start_from")
+    value = table.get("start_from", table.get("initial_cursor", "earliest"))
+    try:
+        args["start_from"] = StartFrom.parse(value)
+    except ValueError as exc:
+        problems.add(f"{where}.start_from", str(exc))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import os
 import tempfile
 import time
@@ -30,6 +31,9 @@ from confluent_kafka import (
 )
 
 from streamer.errors import ConfigError, DeliveryError, TopicError
+
+# librdkafka's lines go through logging (folded there: streamer/logs.py), not to stderr.
+_librdkafka_log = logging.getLogger("librdkafka")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +119,15 @@ class FileCursorStore:
         return self.load_state().cursor
 
     def load_state(self) -> FeedCursor:
+        state = self.load_committed()
+        return FeedCursor(self.initial) if state is None else state
+
+    def load_committed(self) -> FeedCursor | None:
+        """The committed position, or None when nothing was committed yet."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return FeedCursor(self.initial)
+            return None
         except OSError as exc:
             raise ConfigError(f"cannot read cursor file {self.path}: {exc.strerror}") from None
         try:
@@ -238,6 +247,18 @@ class KafkaCursorStore:
             self._state = self._read()
         return self._state
 
+    def load_committed(self) -> FeedCursor | None:
+        """The committed position read from Kafka, or None when nothing was committed yet."""
+        if self._state is not None:
+            return self._state
+        value = _read_latest(
+            self.bootstrap_servers, self._client_config, self.topic, self.feed, self.timeout_s
+        )
+        if value is None:
+            return None
+        self._state = self._parse(value)
+        return self._state
+
     def forget(self) -> None:
         """Drop the cached cursor: the next `load()` reads it back from Kafka."""
         self._state = None
@@ -257,6 +278,9 @@ class KafkaCursorStore:
         )
         if value is None:
             return FeedCursor(self.initial)
+        return self._parse(value)
+
+    def _parse(self, value: bytes) -> FeedCursor:
         try:
             return FeedCursor.from_json(json.loads(value))
         except (ValueError, KeyError, TypeError) as exc:
@@ -266,7 +290,7 @@ class KafkaCursorStore:
 def _cursor_producer(bootstrap_servers: str, client_config: Mapping[str, str]) -> Producer:
     config = {**client_config, "bootstrap.servers": bootstrap_servers}
     config.update({"enable.idempotence": "true", "acks": "all"})
-    return Producer(config)
+    return Producer(config, logger=_librdkafka_log)
 
 
 def _produce_and_wait(
@@ -306,7 +330,7 @@ def _read_latest(
         "enable.partition.eof": "true",
     }
     wanted = key.encode("utf-8")
-    consumer = Consumer(config)
+    consumer = Consumer(config, logger=_librdkafka_log)
     try:
         return _read_to_end(consumer, config, topic_name, wanted, timeout_s)
     except KafkaException as exc:  # e.g. the broker unreachable: retriable, cursor unknown
@@ -346,15 +370,15 @@ def _read_to_end(
                 continue
             raise DeliveryError(f"cannot read cursor topic {topic_name}: {err.str()}")
         at_end.pop(msg.partition() or 0, None)
-        if msg.key() == wanted and msg.value() is not None:
-            latest = msg.value()
+        if msg.key() == wanted:
+            latest = msg.value()  # None for a tombstone: the key was deleted
     # read_committed stops at the last stable offset. Below the high watermark it
     # means another feed's transaction is still open there, and a newer cursor of
     # ours may sit behind it: better to retry than to start from an old cursor.
     # (The EOF comes with that offset; position() is undefined when nothing was read.
     # The high watermark must be asked as read_uncommitted: a read_committed client is
     # told the last stable offset instead.)
-    probe = Consumer({**config, "isolation.level": "read_uncommitted"})
+    probe = Consumer({**config, "isolation.level": "read_uncommitted"}, logger=_librdkafka_log)
     try:
         highs = {
             p: probe.get_watermark_offsets(TopicPartition(topic_name, p), timeout=timeout_s)[1]

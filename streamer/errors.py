@@ -18,6 +18,7 @@
         +-- EventsRejectedError       some events of a transaction were refused: replay it
         +-- RegistryUnavailableError  the schema registry is unreachable, 5xx or 429
         +-- SftpUnavailableError      the SFTP (or FTP) server is unreachable, times out or drops us
+        +-- KafkaUnavailableError     the Kafka cluster does not answer (at start)
 
 A single bad *row* is not an exception: it becomes a `records.Rejection`, goes to
 the dead-letter topic and is counted (the "skippable" class of errors).
@@ -142,3 +143,7 @@ class SftpUnavailableError(RetriableError):
     def __init__(self, message: str, *, kind: str = "connection_error") -> None:
         super().__init__(message)
         self.kind = kind  # bounded metric label: connection_error, timeout
+
+
+class KafkaUnavailableError(RetriableError):
+    """The Kafka cluster does not answer a metadata request (e.g. at start)."""

@@ -78,9 +78,11 @@ class KafkaCheck:
         try:
             metadata = self._admin.list_topics(timeout=self.timeout_s)
         except KafkaException as exc:
+            self._admin.poll(0)  # hands librdkafka's queued log lines to the (folding) logger
             error = exc.args[0] if exc.args else None
             reason = error.str() if isinstance(error, KafkaError) else str(exc)
             return f"no answer from the cluster within {self.timeout_s:g} s ({reason})"
+        self._admin.poll(0)
         if not metadata.brokers:
             return "the cluster answered without any broker"
         return None
@@ -97,16 +99,18 @@ class Readiness:
         max_failing_s: float,
         max_poll_s: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        extra: Callable[[], list[str]] | None = None,
     ) -> None:
         self.metrics = metrics
         self.kafka_check = kafka_check
         self.max_failing_s = max_failing_s
         self.max_poll_s = max_poll_s
         self._clock = clock
+        self.extra = extra  # more reasons (status.py: starting, a feed stopped)
 
     def problems(self) -> list[str]:
         """What keeps the process from being ready; empty when it is."""
-        found: list[str] = []
+        found: list[str] = list(self.extra()) if self.extra is not None else []
         kafka = self.kafka_check()
         if kafka is not None:
             found.append(f"Kafka: {kafka}")
@@ -140,8 +144,11 @@ class HealthServer:
         credentials: Credentials | None = None,
         auth_probes: bool = False,
         tls: ssl.SSLContext | None = None,
+        pages: Mapping[str, Callable[[], tuple[str, bytes]]] | None = None,
     ) -> None:
         self._metrics_app = make_wsgi_app(registry)
+        # More paths -> (content type, body), e.g. /status and / (status.py).
+        self._pages = dict(pages or {})
         self._readiness = readiness
         app: WSGIApplication = self._app
         if credentials is not None:
@@ -184,6 +191,12 @@ class HealthServer:
         if path == "/metrics":
             body: Iterable[bytes] = self._metrics_app(environ, start_response)
             return body
+        page = self._pages.get(path)
+        if page is not None:
+            content_type, data = page()
+            headers = [("Content-Type", content_type), ("Content-Length", str(len(data)))]
+            start_response("200 OK", [*headers, ("Cache-Control", "no-store")])
+            return [data]
         if path == "/healthz":
             return _text(start_response, "200 OK", "ok\n")
         if path == "/readyz":

@@ -357,6 +357,35 @@ class Metrics:
         return feed_metrics
 
 
+class RecentCounts:
+    """Events and dead letters confirmed in the last hour, in one-minute buckets (status page)."""
+
+    BUCKET_S = 60.0
+    SPAN_S = 3600.0
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[int, list[int]] = {}  # minute -> [events, dead letters]
+
+    def add(self, events: int, dead_letters: int) -> None:
+        minute = int(self._clock() // self.BUCKET_S)
+        with self._lock:
+            bucket = self._buckets.setdefault(minute, [0, 0])
+            bucket[0] += events
+            bucket[1] += dead_letters
+            oldest = minute - int(self.SPAN_S // self.BUCKET_S)
+            for old in [m for m in self._buckets if m <= oldest]:
+                del self._buckets[old]
+
+    def last_hour(self) -> tuple[int, int]:
+        """(events, dead letters) confirmed in the last hour."""
+        oldest = int(self._clock() // self.BUCKET_S) - int(self.SPAN_S // self.BUCKET_S)
+        with self._lock:
+            kept = [b for m, b in self._buckets.items() if m > oldest]
+        return sum(b[0] for b in kept), sum(b[1] for b in kept)
+
+
 class FeedMetrics:
     """One feed's view of the metrics; counts are held per batch and added once confirmed."""
 
@@ -369,6 +398,7 @@ class FeedMetrics:
         self._poll_started_s = 0.0
         self.last_error = ""  # the error class of the last failed poll
         self.kafka: KafkaStats | None = None  # the producer's latest librdkafka statistics
+        self.recent = RecentCounts()  # for the status page
         self._kafka_poll: Callable[[], object] | None = None
         m = metrics
         self.cursor = m.cursor.labels(feed)
@@ -396,6 +426,10 @@ class FeedMetrics:
             m.skipped.labels(feed, source, reason)
         self.feed_up.set(1)
 
+    def lag_s(self) -> float | None:
+        """Now minus the newest confirmed CDR's UTCDateTime; None until one was confirmed."""
+        return time.time() - self._newest_event_s if self._newest_event_s else None
+
     def _lag(self) -> float:
         return time.time() - self._newest_event_s if self._newest_event_s else math.nan
 
@@ -414,6 +448,7 @@ class FeedMetrics:
     ) -> None:
         """A batch is confirmed by Kafka: add its counts."""
         m = self.metrics
+        self.recent.add(sum(published.values()), sum(rejected.values()))
         for (status, direction, call_type), n in published.items():
             labels = (
                 fold(status, KNOWN_STATUSES),

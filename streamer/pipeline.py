@@ -421,6 +421,7 @@ class FeedPipeline:
         covered_by: Callable[[], Container[int]] | None = None,
         timestamp_limits: TimestampLimits | None = None,
         timezone: str = "Pacific/Auckland",
+        headers: Sequence[tuple[str, str | bytes | None]] = (),
     ) -> None:
         if exactly_once and not is_transactional_store(cursor_store):
             raise TypeError("exactly-once needs a cursor store that can join a transaction")
@@ -442,6 +443,7 @@ class FeedPipeline:
         self.exactly_once = exactly_once
         self.ids_ascending = ids_ascending
         self.covered_by = covered_by
+        self.headers = headers  # more headers on every event (a backfill's `replay`)
         self.last_cursor: int | None = None  # the last committed; for log lines only
         self.timezone = ZoneInfo(timezone)
         self._first_day: date | None = None  # of the rows seen before the last break
@@ -563,7 +565,7 @@ class FeedPipeline:
 
         drive = Drive(
             self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
-            fromid=fromid, on_checkpoint=checkpointed,
+            fromid=fromid, on_checkpoint=checkpointed, headers=self._headers(fromid),
             progress=partial(self._log_progress, position, started),
         )  # fmt: skip
         drive.track_days = self._same_failures > 0  # a break may recur: note where it starts
@@ -608,7 +610,7 @@ class FeedPipeline:
         )  # fmt: skip
         drive = Drive(
             self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
-            fromid=start.cursor,
+            fromid=start.cursor, headers=self._headers(start.cursor),
         )  # fmt: skip
         window = replace(self.client.query, date=day, hour=hour)
         try:
@@ -642,6 +644,13 @@ class FeedPipeline:
         result.cursor_after = max(result.cursor_after, position.committed)
         self.last_cursor = result.cursor_after
         self.metrics.cursor.set(result.cursor_after)
+
+    def _headers(self, fromid: int) -> list[tuple[str, str | bytes | None]]:
+        """Each event's extra headers: `fromid`, the committed cursor its poll started from.
+
+        So a lost cursor can be recovered from the topic without skipping a CDR (startup.py).
+        """
+        return [("fromid", str(fromid).encode()), *self.headers]
 
     def _keep_before_break(self, drive: Drive, position: FeedPosition, exc: Exception) -> None:
         """The body broke off: commit the rows before the break, so no retry repeats them."""

@@ -14,8 +14,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from streamer.errors import FatalError, RetriableError, StreamerError
+from streamer.logs import fields, polling
 from streamer.metrics import FeedMetrics
-from streamer.pipeline import FeedPipeline
+from streamer.pipeline import FeedPipeline, PollResult
 from streamer.retry import Backoff
 from streamer.sources.files import FileCollector
 
@@ -33,6 +34,19 @@ class Runner(ABC):
         self.backoff = backoff
         self.error: Exception | None = None
         self._failures = 0
+        # With `once`: retriable failures in a row before this runner gives up.
+        self.max_failures = 5
+        # What the status page shows (status.py): the last poll, its outcome, the last error.
+        self.last_poll_at: float | None = None  # Unix time
+        self.last_poll_ok: bool | None = None
+        self.last_summary = ""
+        self.last_error_text = ""
+        self.next_poll_at: float | None = None  # Unix time
+
+    @property
+    def failures(self) -> int:
+        """Retriable failures in a row: the one retry counter (0 after a success)."""
+        return self._failures
 
     @abstractmethod
     def _poll(self, *, once: bool) -> float | None:
@@ -46,17 +60,26 @@ class Runner(ABC):
     def close(self) -> None:
         """Release the source's connections and producer."""
 
-    def step(self, *, once: bool = False, max_failures: int = 5) -> float | None:
+    def step(self, *, once: bool = False, max_failures: int | None = None) -> float | None:
         """One poll with its error handling: the seconds to wait, or None once this runner ends.
 
-        With `once`, `max_failures` retriable errors in a row end the run (recorded in `error`).
+        With `once`, `max_failures` (default: the runner's own) retriable errors in a row end
+        the run (recorded in `error`). Every line logged meanwhile names this source.
         """
+        with polling(self.kind, self.name):
+            delay = self._step(once=once, max_failures=max_failures or self.max_failures)
+        self.next_poll_at = None if delay is None else time.time() + delay
+        return delay
+
+    def _step(self, *, once: bool, max_failures: int) -> float | None:
         label = f"{self.kind} {self.name}"
         self.metrics.poll_began()
+        self.last_poll_at = time.time()
         try:
             delay = self._poll(once=once)
         except FatalError as exc:
-            log.error("%s stopped: %s", label, exc)
+            self._failed(exc)
+            log.error("%s stopped: %s", label, exc, extra=fields("stopped", error=str(exc)))
             self.metrics.poll_error(type(exc).__name__)
             self.metrics.feed_up.set(0)
             self.error = exc
@@ -64,20 +87,26 @@ class Runner(ABC):
         except RetriableError as exc:
             self.metrics.poll_error(type(exc).__name__)
             self._failures += 1
+            self._failed(exc)
             if once and self._failures >= max_failures:
                 log.error("%s: giving up after %d failures: %s", label, self._failures, exc)
                 self.error = exc
                 return None
+            # The one retry counter: a source's client does not retry within a poll.
             delay = self.backoff.next_delay(getattr(exc, "retry_after_s", None) or 0.0)
             try:
                 position = self._position()
             except StreamerError as error:  # e.g. Kafka down: the cursor cannot be read now
                 position = f"cursor unknown ({error})"
-            log.warning("%s: %s; %s, next try in %.1f s", label, exc, position, delay)
+            log.warning(
+                "%s: %s; %s, retry %d in %.1f s", label, exc, position, self._failures, delay,
+                extra=fields("retry", error=str(exc), attempt=self._failures, delay_s=delay),
+            )  # fmt: skip
             return delay
         except Exception as exc:
             # A bug or an unforeseen error: this source stops, loudly, and the process
             # reports it in its exit code, instead of a thread dying unnoticed.
+            self._failed(exc)
             log.exception("%s stopped on an unexpected error: %s", label, exc)
             self.metrics.poll_error(type(exc).__name__)
             self.metrics.feed_up.set(0)
@@ -87,9 +116,16 @@ class Runner(ABC):
             self.metrics.poll_ended()
         self.backoff.reset()
         self._failures = 0
+        self.last_poll_ok = True
         return delay
 
-    def run(self, stop: threading.Event, *, once: bool = False, max_failures: int = 5) -> None:
+    def _failed(self, exc: Exception) -> None:
+        self.last_poll_ok = False
+        self.last_error_text = str(exc) or type(exc).__name__
+
+    def run(
+        self, stop: threading.Event, *, once: bool = False, max_failures: int | None = None
+    ) -> None:
         """Poll until `stop` is set; with `once`, until the source has nothing more."""
         while not stop.is_set():
             delay = self.step(once=once, max_failures=max_failures)
@@ -135,20 +171,7 @@ class FeedRunner(Runner):
 
     def _poll(self, *, once: bool) -> float | None:
         result = self.pipeline.poll()
-        log.info(
-            "feed %s: %d rows in %.1f s: %d published, %d dead letters, %d skipped, "
-            "%d duplicates%s; cursor %d -> %d",
-            self.name,
-            result.rows,
-            result.seconds,
-            result.published,
-            result.dead_lettered,
-            result.skipped,
-            result.duplicates,
-            f", {result.covered} published by its file source" if result.covered else "",
-            result.cursor_before,
-            result.cursor_after,
-        )
+        self._log_poll(result)
         if result.more:  # a catch-up by date windows: the next window now
             return 0.0
         # A full page that moved the cursor: the provider has more, fetch it now. (One
@@ -162,6 +185,27 @@ class FeedRunner(Runner):
         if once:
             return None
         return self.poll_interval_s * (1 + self._rng.uniform(0, self.poll_jitter_ratio))
+
+    def _log_poll(self, result: PollResult) -> None:
+        self.last_summary = (
+            f"{result.rows} rows, {result.published} published, "
+            f"{result.dead_lettered} dead letters; cursor {result.cursor_before} -> "
+            f"{result.cursor_after}"
+        )
+        log.info(
+            "feed %s: %d rows in %.1f s: %d published, %d dead letters, %d skipped, "
+            "%d duplicates%s; cursor %d -> %d",
+            self.name, result.rows, result.seconds, result.published, result.dead_lettered,
+            result.skipped, result.duplicates,
+            f", {result.covered} published by its file source" if result.covered else "",
+            result.cursor_before, result.cursor_after,
+            extra=fields(
+                "poll", rows=result.rows, seconds=round(result.seconds, 3),
+                published=result.published, dead_letters=result.dead_lettered,
+                skipped=result.skipped, duplicates=result.duplicates, covered=result.covered,
+                cursor_before=result.cursor_before, cursor_after=result.cursor_after,
+            ),
+        )  # fmt: skip
 
 
 class SftpRunner(Runner):
@@ -201,6 +245,10 @@ class SftpRunner(Runner):
 
     def _poll(self, *, once: bool) -> float | None:
         result = self.collector.poll()
+        self.last_summary = (
+            f"{result.listed} files listed, {result.files_done} done, {result.waiting} waiting; "
+            f"{result.published} published, {result.dead_lettered} dead letters"
+        )
         level = logging.INFO if result.files_done or result.files_quarantined else logging.DEBUG
         log.log(
             level,
@@ -223,7 +271,7 @@ def run_together(
     stop: threading.Event,
     *,
     once: bool = False,
-    max_failures: int = 5,
+    max_failures: int | None = None,
 ) -> None:
     """Run several sources in this thread, each on its own schedule, one poll at a time.
 

@@ -223,12 +223,14 @@ def read_cursor_topic(bootstrap: str, topic: str, feed: str) -> int | None:
 class StreamerProcess:
     """`cdr-streamer run` in the background, its output in a log file."""
 
-    def __init__(self, config: Path, log_path: Path, *args: str) -> None:
+    def __init__(
+        self, config: Path, log_path: Path, *args: str, env: Mapping[str, str] | None = None
+    ) -> None:
         self.log_path = log_path
         with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "streamer", "run", "--config", str(config), *args],
-                env={**os.environ, "CDR_FEED_PASSWORD": FEED_PASSWORD},
+                env={**(os.environ if env is None else env), "CDR_FEED_PASSWORD": FEED_PASSWORD},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO_ROOT,

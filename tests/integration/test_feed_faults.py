@@ -459,6 +459,12 @@ def test_backfill_publishes_exactly_the_window_and_leaves_the_cursor_alone(
     assert request.params.get("callsonly") == ("1" if callsonly else None)
     assert request.params["fromid"] == "0"  # not the live cursor
     assert id_counts(events) == once_each(expected)
+    # Marked as a replay, and logged as its own window, not as a cursor move.
+    window = BACKFILL_DAY.isoformat() + ("" if hour is None else f"T{hour:02d}")
+    assert {e.headers.get("replay") for e in events} == {f"backfill:{window}".encode()}
+    assert f"backfill of feed main for {BACKFILL_DAY}" in result.stderr
+    assert f"{len(expected)} published" in result.stderr
+    assert "cursor 0 ->" not in result.stderr
     if before is None:
         assert not cursor_file.exists()
     else:
@@ -482,8 +488,11 @@ def test_password_never_in_debug_output_through_faults_and_failures(
 ) -> None:
     debug = ("--log-level", "DEBUG")
     with make_sim(backlog=50) as sim:
-        feed = feed_settings(sim.url, tmp_path / "c.json", method=method, read_timeout_s=0.5)
-        # Three faults the client retries itself, then three the runner retries.
+        # Six faults in a row, each a failed poll that the runner retries (the one retry
+        # counter): --once tolerates max_attempts of them.
+        feed = feed_settings(
+            sim.url, tmp_path / "c.json", method=method, read_timeout_s=0.5, max_attempts=7
+        )
         sim.inject("500")
         sim.inject("429", retry_after=0)
         sim.inject("latency", seconds=1)
@@ -516,7 +525,7 @@ def test_password_never_in_debug_output_through_faults_and_failures(
     assert "check the login and password" in wrong.stderr
     assert refused.returncode == 3, refused.stderr
     assert "cannot reach /billingfeed.php: ConnectError" in refused.stderr
-    assert "giving up after 5 failures" in refused.stderr
+    assert "giving up after 2 failures" in refused.stderr  # max_attempts: the one counter
     for output in outputs:
         assert FEED_PASSWORD not in output
         assert "Tr1cky" not in output  # nor any encoding of it (URL, form, repr)

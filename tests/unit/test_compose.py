@@ -62,3 +62,12 @@ def test_the_container_serves_metrics_beyond_its_own_loopback() -> None:
     assert config["metrics"]["host"] == "0.0.0.0"
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     assert re.search(r"^ENV CDR_METRICS_HOST=0\.0\.0\.0$", dockerfile, re.MULTILINE)
+
+
+def test_streamer_restarts_a_bounded_number_of_times(compose_config: str) -> None:
+    """Refused credentials exit 3: restarting without end would resend them in a loop."""
+    after = compose_config.split("\n  streamer:\n", 1)[1]
+    streamer = re.split(r"\n  [a-z-]+:\n", after, maxsplit=1)[0]  # up to the next service
+    policy = re.search(r"^    restart: (\S+)$", streamer, re.MULTILINE)
+    assert policy is not None, streamer
+    assert re.fullmatch(r"on-failure:[1-5]", policy.group(1).strip("'\""))
