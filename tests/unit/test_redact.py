@@ -228,3 +228,20 @@ def test_uncaught_exceptions_in_threads_and_main_are_redacted() -> None:
     assert "RuntimeError: thread saw ***" in done.stderr
     assert "RuntimeError: main saw ***" in done.stderr
     assert PASSWORD not in done.stderr
+
+
+def test_json_log_lines_hide_a_secret_in_their_structured_fields() -> None:
+    """`extra` fields reach the record after the factory ran: the JSON line is cleaned."""
+    from streamer.logs import JsonLineFormatter, fields
+
+    record = logging.getLogger("streamer").makeRecord(
+        "streamer", logging.WARNING, __file__, 1, "retry", (), None,
+        extra=fields("retry", error=f"refused {PASSWORD}", nested={"pw": PASSWORD}),
+    )  # fmt: skip
+    line = JsonLineFormatter().format(record)
+    parsed = json.loads(line)
+    assert parsed["event"] == "retry"
+    assert "***" in parsed["fields"]["error"]
+    assert PASSWORD not in line
+    assert json.dumps(PASSWORD)[1:-1] not in line
+    assert json.dumps(PASSWORD, ensure_ascii=False)[1:-1] not in line
