@@ -6,13 +6,16 @@ internal-sftp` (forced, so the test user gets SFTP and nothing else), `UsePAM no
 temporary directory), `AllowUsers` the test user only, and a PidFile of its own.
 
 The test user, `cdr-sftp-test`, is a system user without a home, created with
-`useradd` when missing (this needs root, as CI is) and given a fresh random password
-with `chpasswd` each session; its key is a fresh ed25519 key with a passphrase. The user
-stays on the machine afterwards (creating it again is all a next session would do).
+`useradd` when missing (this needs root, as CI is) and given a random password with
+`chpasswd` once per boot, kept in a root-only file under /run: test sessions running at
+the same time on one machine share it, instead of each resetting it under the others'
+feet. Its key is a fresh ed25519 key with a passphrase. The user stays on the machine
+afterwards (creating it again is all a next session would do).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import re
@@ -64,18 +67,32 @@ def _keygen(path: Path, passphrase: str = "") -> str:
     return " ".join(path.with_suffix(".pub").read_text().split()[:2])
 
 
-def _ensure_user(password: str) -> None:
-    try:
-        pwd.getpwnam(USER)
-    except KeyError:
+PASSWORD_FILE = Path("/run/cdr-sftp-test.password")
+
+
+def _ensure_user() -> str:
+    """The test user exists and has a password; returns it (the same for every session)."""
+    with open(PASSWORD_FILE.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one session at a time sets it up
+        try:
+            pwd.getpwnam(USER)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
+                check=True,
+                capture_output=True,
+            )
+            PASSWORD_FILE.unlink(missing_ok=True)  # a new user has no password yet
+        if PASSWORD_FILE.exists():
+            return PASSWORD_FILE.read_text().strip()
+        password = secrets.token_urlsafe(16)
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-            check=True,
-            capture_output=True,
+            ["chpasswd"], input=f"{USER}:{password}\n", text=True, check=True, capture_output=True
         )
-    subprocess.run(
-        ["chpasswd"], input=f"{USER}:{password}\n", text=True, check=True, capture_output=True
-    )
+        fd = os.open(PASSWORD_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        return password
 
 
 def _free_port() -> int:
@@ -102,8 +119,7 @@ def _answers_banner(host: str, port: int) -> bool:
 
 def start(base: Path) -> tuple[SshServer, subprocess.Popen[bytes]]:
     """Start sshd; returns once its port answers with an SSH banner."""
-    password = secrets.token_urlsafe(16)
-    _ensure_user(password)
+    password = _ensure_user()
     base.chmod(0o755)  # the user must reach authorized_keys; sshd reads it as the user
     host_key = base / "host_ed25519"
     host_pub = _keygen(host_key)
