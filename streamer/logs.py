@@ -163,8 +163,12 @@ def setup(level: str, log_format: str = "text") -> None:
     )
     handler.setFormatter(formatter)
     root = logging.getLogger()
+    # Replace only a handler of ours (setup called twice in one process, as tests do);
+    # others attached to the root (pytest's log capture, an embedding app's) stay.
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if getattr(old, "_cdr_streamer", False):
+            root.removeHandler(old)
+    handler._cdr_streamer = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
     if level != "DEBUG":
