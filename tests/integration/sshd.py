@@ -7,10 +7,10 @@ temporary directory), `AllowUsers` the test user only, and a PidFile of its own.
 
 The test user, `cdr-sftp-test`, is a system user without a home, created with
 `useradd` when missing (this needs root, as CI is) and given a random password with
-`chpasswd` once per boot, kept in a root-only file under /run: test sessions running at
-the same time on one machine share it, instead of each resetting it under the others'
-feet. Its key is a fresh ed25519 key with a passphrase. The user stays on the machine
-afterwards (creating it again is all a next session would do).
+`chpasswd`, the same one for every session of one boot (kept in a root-only file under
+/run): test sessions running at the same time on one machine share it, instead of each
+resetting it under the others' feet. Its key is a fresh ed25519 key with a passphrase.
+The user stays on the machine afterwards (creating it again is all a next session would do).
 """
 
 from __future__ import annotations
@@ -84,14 +84,17 @@ def _ensure_user() -> str:
             )
             PASSWORD_FILE.unlink(missing_ok=True)  # a new user has no password yet
         if PASSWORD_FILE.exists():
-            return PASSWORD_FILE.read_text().strip()
-        password = secrets.token_urlsafe(16)
+            password = PASSWORD_FILE.read_text().strip()
+        else:
+            password = secrets.token_urlsafe(16)
+            fd = os.open(PASSWORD_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+        # Set each time, to the same value: harmless to a session already using it, and
+        # it mends a password something else changed.
         subprocess.run(
             ["chpasswd"], input=f"{USER}:{password}\n", text=True, check=True, capture_output=True
         )
-        fd = os.open(PASSWORD_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(password + "\n")
         return password
 
 
