@@ -39,6 +39,7 @@ from streamer.publisher import (
     provision_topic,
     timestamp_limits,
 )
+from streamer.reconcile import Reconciler, Reconciliation
 from streamer.retry import Backoff
 from streamer.scheduler import FeedRunner, Runner, SftpRunner, run_together
 from streamer.sink import Encoder, EventSink, PublisherSlot
@@ -135,6 +136,7 @@ def _build_pipeline(
     cursor_store: CursorStore,
     exactly_once: bool,
     limits: TimestampLimits,
+    reconcile: bool = False,
 ) -> FeedPipeline:
     feed_metrics = metrics.for_feed(feed.name, poll_interval_s=feed.poll_interval_s)
     client = FeedClient(
@@ -152,7 +154,7 @@ def _build_pipeline(
     )
     k = settings.kafka
     transactional_id = f"{k.transactional_id_prefix}-{feed.name}" if exactly_once else None
-    return FeedPipeline(
+    pipeline = FeedPipeline(
         name=feed.name,
         client=client,
         publisher_slot=_publisher_slot(settings, feed_metrics, transactional_id),
@@ -168,6 +170,25 @@ def _build_pipeline(
         timestamp_limits=limits,
         timezone=feed.timezone,
     )
+    if reconcile and feed.reconcile:
+        pipeline.reconciler = Reconciler(
+            name=feed.name,
+            client=client,
+            sink=pipeline.sink,
+            store=cursor_store,
+            metrics=feed_metrics,
+            settings=Reconciliation(
+                horizon_s=feed.reconcile_horizon_h * 3600,
+                checks=feed.reconcile_checks,
+                min_interval_s=feed.reconcile_min_interval_s or feed.poll_interval_s,
+                clock="feed" if feed.reconcile_clock == "feed" else "wall",
+            ),
+            zone=pipeline.timezone,
+            exactly_once=exactly_once,
+            checkpoint_every=k.checkpoint_every,
+            page_size=feed.page_size,
+        )
+    return pipeline
 
 
 def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner]:
@@ -204,6 +225,7 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
             cursor_store=_cursor_store(settings, feed),
             exactly_once=exactly_once,
             limits=limits,
+            reconcile=True,
         )
         runner = FeedRunner(
             pipeline,
@@ -216,9 +238,12 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
         # The cursor is read by the first poll: in exactly-once mode only after the
         # transactional producer has fenced any older instance.
         log.info(
-            "feed %s: polling %s as %s every %g s, %s, cursor in %r",
+            "feed %s: polling %s as %s every %g s, %s, cursor in %r, %s",
             feed.name, feed.url, feed.login, feed.poll_interval_s,
             settings.kafka.delivery.replace("_", "-"), pipeline.cursor_store,
+            f"reconciling the last {feed.reconcile_horizon_h:g} h ({feed.reconcile_checks} "
+            f"checks per hour, {feed.reconcile_clock} clock)"
+            if feed.reconcile else "reconciliation off",
         )  # fmt: skip
         source = paired.get(feed.name)
         if source is not None and sftp_metrics is not None:

@@ -134,7 +134,7 @@ class FeedRunner(Runner):
         result = self.pipeline.poll()
         log.info(
             "feed %s: %d rows in %.1f s: %d published, %d dead letters, %d skipped, "
-            "%d duplicates%s; cursor %d -> %d",
+            "%d duplicates%s%s; cursor %d -> %d",
             self.name,
             result.rows,
             result.seconds,
@@ -143,6 +143,7 @@ class FeedRunner(Runner):
             result.skipped,
             result.duplicates,
             f", {result.covered} published by SFTP" if result.covered else "",
+            f", {result.late} found late by reconciliation" if result.late else "",
             result.cursor_before,
             result.cursor_after,
         )
