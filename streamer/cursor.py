@@ -16,7 +16,8 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from array import array
+from collections.abc import Iterator, Mapping, MutableSequence, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -555,14 +556,21 @@ class IdRanges:
     """The set of IDs handled in one response, as sorted closed ranges.
 
     Feed IDs are nearly contiguous, so a million IDs are usually one range: memory
-    stays flat where a Python set would take tens of megabytes.
+    stays flat where a Python set would take tens of megabytes. Where they are not (a
+    login that sees one ID in ten of a shared platform), `compact` packs ranges that
+    are no longer added to into machine integers: 16 bytes a range instead of about 80.
     """
 
     __slots__ = ("_ends", "_starts")
 
     def __init__(self) -> None:
-        self._starts: list[int] = []
-        self._ends: list[int] = []
+        self._starts: MutableSequence[int] = []
+        self._ends: MutableSequence[int] = []
+
+    def compact(self) -> None:
+        """Hold the ranges as arrays of 64-bit integers (every operation still works)."""
+        if isinstance(self._starts, list) and len(self._starts) > 1:
+            self._starts, self._ends = array("q", self._starts), array("q", self._ends)
 
     def add(self, n: int) -> bool:
         """Add `n`; False if it was already there."""
@@ -711,4 +719,5 @@ def decode_ids(text: object) -> IdRanges:
         ranges._starts.append(first)
         ranges._ends.append(last)
         previous = last
+    ranges.compact()
     return ranges

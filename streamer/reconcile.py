@@ -163,7 +163,8 @@ class PublishedRecord:
 
     `add` is on the hot path (once per published CDR): it switches hours only when the
     row's hour differs from the previous row's, and `IdRanges.add` of an ascending ID
-    is an append or an increment. Hours older than `Schedule.keep_s` are not kept.
+    is an append or an increment. Hours older than `Schedule.keep_s` are not kept, and
+    an hour's IDs are dropped once its last check is made.
     """
 
     def __init__(
@@ -321,6 +322,13 @@ class PublishedRecord:
             if self.hours[window].checks < total:
                 self.missed += 1
             del self.hours[window]
+        for entry in self.hours.values():
+            if entry.checks >= total and entry.ids:
+                # Checked for the last time: its IDs are not asked about again (dead letters
+                # and SFTP IDs are noted in a newer hour). The hour stays, as done, until
+                # it ages out, so that no row of it starts its checks over.
+                entry.ids = IdRanges()
+                entry.encoded = None
         self.after = boundary
         self._keep_from = max(self._keep_from, window_of(boundary, schedule.zone))
 
@@ -333,6 +341,9 @@ class PublishedRecord:
             if entry.encoded is None:
                 entry.encoded = encode_ids(entry.ids)
             hours.append((window_key(window), entry.checks, entry.encoded))
+        for entry in self.hours.values():
+            if entry is not self._current:  # the hour being added to stays quick to add to
+                entry.ids.compact()
         # The next add re-opens its hour, so that the next snapshot encodes it again.
         self._hour = -1
         snapshot = PublishedHours(self.floor, self.after, tuple(hours), self.since)
