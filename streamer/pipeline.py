@@ -515,8 +515,9 @@ class FeedPipeline:
         self.metrics.cursor.set(fromid)
         log.debug("feed %s: polling from cursor %d", self.name, fromid)
         result = PollResult(cursor_before=fromid, cursor_after=fromid)
-        record = self._record_of(start, covered)
+        record: PublishedRecord | None = None
         try:
+            record = self._record_of(start, covered)
             self._poll(publisher, start, covered, result, started, record)
             if record is not None and self._catch_up is None:
                 self._reconcile(publisher, covered, record, result)

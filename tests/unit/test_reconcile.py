@@ -194,6 +194,12 @@ def test_each_hour_is_checked_at_its_ages_and_the_most_overdue_first() -> None:
     assert schedule.due(record) == (h2, 0, utc(2024, 4, 6, 16))
     record.checked(h2)
     assert schedule.due(record) is None
+    # Checked for the last time: hour 00 keeps its place (and checks), not its IDs.
+    hours = {key: (checks, decode_ids(ids)) for key, checks, ids in record.snapshot().hours}
+    assert hours["2024-04-07T00"] == (2, IdRanges())
+    assert hours["2024-04-07T01"][0] == 2
+    assert hours["2024-04-07T01"][1] == IdRanges()
+    assert hours["2024-04-07T02"][0] == 1
 
 
 def test_hours_older_than_twice_the_horizon_are_pruned_and_missed_checks_counted() -> None:
