@@ -8,6 +8,7 @@ only this module (and `pipeline.py`) puts several of them together.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry
 
 from streamer.avro import make_encoder
-from streamer.config import FeedSettings, Settings, SftpSettings, is_loopback_url
+from streamer.config import FeedSettings, Secret, Settings, SftpSettings, is_loopback_url
 from streamer.cursor import (
     CursorStore,
     FileCursorStore,
@@ -28,8 +29,10 @@ from streamer.cursor import (
     KafkaCursorStore,
     MemoryCursorStore,
 )
+from streamer.endpoint import Credentials, tls_context
 from streamer.errors import ConfigError
 from streamer.health import HealthServer, KafkaCheck, Readiness
+from streamer.limits import BodyLimits
 from streamer.metrics import FeedMetrics, Metrics, SftpMetrics
 from streamer.pipeline import FeedPipeline
 from streamer.publisher import (
@@ -43,8 +46,10 @@ from streamer.reconcile import Reconciler, Reconciliation
 from streamer.retry import Backoff
 from streamer.scheduler import FeedRunner, Runner, SftpRunner, run_together
 from streamer.sink import Encoder, EventSink, PublisherSlot
+from streamer.sources.base import FileServer
 from streamer.sources.feed import FeedClient, FeedQuery, FeedTimeouts
 from streamer.sources.files import FileCollector
+from streamer.sources.ftp import FtpServer
 from streamer.sources.sftp import SftpServer
 
 log = logging.getLogger("streamer")
@@ -151,6 +156,9 @@ def _build_pipeline(
         stop=stop,
         on_request=feed_metrics.request,
         name=feed.name,
+        limits=BodyLimits(feed.max_body_bytes, feed.max_expansion_ratio),
+        ca_file=feed.ca_file,
+        encoding=feed.encoding,
     )
     k = settings.kafka
     transactional_id = f"{k.transactional_id_prefix}-{feed.name}" if exactly_once else None
@@ -208,6 +216,12 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
     units: list[Unit] = []
     paired = {s.pairs_with_feed: s for s in settings.sftp if s.pairs_with_feed}
     for feed in settings.feeds:
+        if feed.url.startswith("http://") and not is_loopback_url(feed.url):
+            log.warning(
+                "feed %s: %s is plain HTTP: the login and password cross the network "
+                "unencrypted; use the provider's https:// address",
+                feed.name, feed.url,
+            )  # fmt: skip
         if feed.poll_interval_s < 600 and not is_loopback_url(feed.url):
             log.warning(
                 "feed %s polls every %g s, under the provider's 600 s guidance",
@@ -304,29 +318,20 @@ def _build_sftp(
     """One SFTP source; paired, it shares its feed's producer (`slot`) and reads its cursor."""
     k = settings.kafka
     exactly_once = k.delivery == "exactly_once"
-    source_metrics = metrics.for_feed(source.name, "sftp", poll_interval_s=source.poll_interval_s)
+    source_metrics = metrics.for_feed(
+        source.name, source.protocol, poll_interval_s=source.poll_interval_s
+    )
     if slot is None:
         transactional_id = (
             f"{k.transactional_id_prefix}-sftp-{source.name}" if exactly_once else None
         )
         slot = _publisher_slot(settings, source_metrics, transactional_id)
-    server = SftpServer(
-        source.host,
-        source.port,
-        source.user,
-        known_hosts=Path(source.known_hosts),
-        password=source.password,
-        key_file=Path(source.key_file).expanduser() if source.key_file else None,
-        key_passphrase=source.key_passphrase,
-        trust_unknown_host_key=source.trust_unknown_host_key,
-        connect_timeout_s=source.connect_timeout_s,
-        read_timeout_s=source.read_timeout_s,
-    )
+    server = _file_server(source)
     store = _sftp_cursor_store(settings, source)
     log.info(
-        "sftp %s: listing %s:%s on %s:%d as %s every %g s, %s%s, cursor in %r",
-        source.name, source.directory, source.pattern, source.host, source.port, source.user,
-        source.poll_interval_s, k.delivery.replace("_", "-"),
+        "%s %s: listing %s:%s on %s:%d as %s every %g s, %s%s, cursor in %r",
+        source.protocol, source.name, source.directory, source.pattern, source.host,
+        source.port, source.user, source.poll_interval_s, k.delivery.replace("_", "-"),
         f", paired with feed {source.pairs_with_feed}" if source.pairs_with_feed else "", store,
     )  # fmt: skip
     return FileCollector(
@@ -335,12 +340,14 @@ def _build_sftp(
         directory=source.directory,
         pattern=source.pattern,
         fmt=source.format,
+        encoding=source.encoding,
         settle_s=source.settle_s,
         after=source.after,
         quarantine_dir=source.quarantine_dir,
+        max_decompressed_bytes=source.max_decompressed_bytes,
         sink=EventSink(
             name=source.name,
-            source="sftp",
+            source=source.protocol,
             slot=slot,
             encoder=_encoder(settings),
             topic=k.topic,
@@ -355,6 +362,46 @@ def _build_sftp(
         exactly_once=exactly_once,
         feed_cursor=feed_cursor,
         stop=stop,
+        max_file_bytes=source.max_file_bytes,
+    )
+
+
+def _file_server(source: SftpSettings) -> FileServer:
+    """The server of one file source, by its protocol: SFTP, FTP or FTPS."""
+    if source.protocol == "sftp":
+        return SftpServer(
+            source.host,
+            source.port,
+            source.user,
+            known_hosts=Path(source.known_hosts),
+            password=source.password,
+            key_file=Path(source.key_file).expanduser() if source.key_file else None,
+            key_passphrase=source.key_passphrase,
+            trust_unknown_host_key=source.trust_unknown_host_key,
+            connect_timeout_s=source.connect_timeout_s,
+            read_timeout_s=source.read_timeout_s,
+        )
+    if source.protocol == "ftp" and not is_loopback_url(f"ftp://{source.host}/"):
+        log.warning(
+            "ftp %s: plain FTP sends the password and the CDRs unencrypted; use protocol = "
+            '"ftps" if %s offers it', source.name, source.host,
+        )  # fmt: skip
+    if source.protocol == "ftps" and not source.tls_verify:
+        log.warning(
+            "ftps %s: tls_verify = false: the connection is encrypted, but to whoever answers "
+            "as %s; set ca_file to the provider's CA instead", source.name, source.host,
+        )  # fmt: skip
+    return FtpServer(
+        source.host,
+        source.port,
+        source.user,
+        source.password or Secret(""),  # config.py requires one for FTP
+        tls="none" if source.protocol == "ftp" else source.ftps_mode,
+        ca_file=Path(source.ca_file) if source.ca_file else None,
+        verify=source.tls_verify,
+        passive=source.passive,
+        connect_timeout_s=source.connect_timeout_s,
+        read_timeout_s=source.read_timeout_s,
     )
 
 
@@ -370,13 +417,46 @@ def _start_health_server(settings: Settings, metrics: Metrics) -> HealthServer:
     """/metrics, /healthz and /readyz on the metrics port."""
     k, m = settings.kafka, settings.metrics
     kafka_check = KafkaCheck({**k.producer, "bootstrap.servers": k.bootstrap_servers})
-    readiness = Readiness(metrics, kafka_check, max_failing_s=m.ready_max_failing_s)
-    health = HealthServer(metrics.registry, readiness.problems, host=m.host, port=m.port)
+    readiness = Readiness(
+        metrics,
+        kafka_check,
+        max_failing_s=m.ready_max_failing_s,
+        max_poll_s=m.ready_max_poll_s,
+    )
+    credentials = None
+    if m.basic_auth_user or m.bearer_token is not None:
+        credentials = Credentials(m.basic_auth_user, m.basic_auth_password, m.bearer_token)
+    tls = None
+    if m.tls_cert_file:
+        try:
+            tls = tls_context(m.tls_cert_file, m.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot use metrics.tls_cert_file {m.tls_cert_file} and tls_key_file "
+                f"{m.tls_key_file}: {exc}"
+            ) from exc
+    health = HealthServer(
+        metrics.registry,
+        readiness.problems,
+        host=m.host,
+        port=m.port,
+        credentials=credentials,
+        auth_probes=m.auth_probes,
+        tls=tls,
+    )
     try:
         health.start()
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {m.host}:{m.port}: {exc.strerror}") from exc
-    log.info("metrics on http://%s:%d/metrics, also /healthz and /readyz", m.host, health.port)
+    scheme = "https" if tls is not None else "http"
+    guarded = (
+        "" if credentials is None else ", credentials required" + ("" if m.auth_probes else
+        " except for the probes")
+    )  # fmt: skip
+    log.info(
+        "metrics on %s://%s:%d/metrics, also /healthz and /readyz%s",
+        scheme, m.host, health.port, guarded,
+    )  # fmt: skip
     return health
 
 
