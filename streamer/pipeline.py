@@ -531,7 +531,9 @@ class FeedPipeline:
                 forget()
             raise
         self.last_cursor = result.cursor_after
-        self.sink.forget_refused_through(result.cursor_after)
+        self.sink.forget_refused_through(
+            result.cursor_after, record.knows if record is not None else None
+        )
         self.metrics.skip("below_cursor", result.skipped)
         self.metrics.skip("duplicate", result.duplicates)
         self.metrics.skip("covered_by_sftp", result.covered)

@@ -277,6 +277,10 @@ class PublishedRecord:
             return True
         return any(cdr_id in e.ids for e in self.hours.values())
 
+    def knows(self, cdr_id: int) -> bool:
+        """Was this ID handled, in any hour held, or is it at or below the floor?"""
+        return cdr_id <= self.floor or any(cdr_id in e.ids for e in self.hours.values())
+
     def checks(self, window: Window) -> int:
         entry = self.hours.get(window)
         return entry.checks if entry is not None else 0

@@ -36,6 +36,7 @@ from streamer.cursor import (
     decode_ids,
     encode_ids,
 )
+from streamer.errors import EventsRejectedError
 from streamer.metrics import Metrics
 from streamer.pipeline import FeedPipeline
 from streamer.reconcile import (
@@ -50,6 +51,7 @@ from streamer.reconcile import (
 )
 from streamer.records import FIELDS, CallRecord, Row, to_record
 from streamer.simulator import BillingFeedSimulator, CdrGenerator, SimulatorConfig
+from streamer.sink import PublisherSlot
 from streamer.sources.feed import FeedClient
 
 ZONE = ZoneInfo("Pacific/Auckland")
@@ -344,7 +346,9 @@ def pipeline_of() -> Iterator[PipelineOf]:
         client = FeedClient(sim.url, "81234567", Secret(PASSWORD), name="main", max_attempts=1)
         pipeline = FeedPipeline(
             name="main", client=client, encoder=Encoder(), cursor_store=store, topic="events",
-            dead_letter_topic="dead", metrics=metrics, publisher_factory=lambda: publisher,
+            dead_letter_topic="dead", metrics=metrics,
+            # The fake is its own probe: its aborted tries never become visible.
+            publisher_slot=PublisherSlot(lambda: publisher, lambda: publisher),
             exactly_once=exactly_once, checkpoint_every=2,
         )  # fmt: skip
         pipeline.reconciler = Reconciler(
@@ -499,3 +503,38 @@ def test_ids_published_by_the_paired_sftp_source_are_not_found_late(
     run_until(sim, pipeline, DST_END_ID + 180)
     assert found_late(publisher) == LATE - set(sorted(LATE)[:2])
     assert max(event_ids(publisher).values()) == 1
+
+
+def test_exactly_once_a_late_cdr_kafka_refuses_is_dead_lettered_by_the_replay(
+    simulator: Callable[..., BillingFeedSimulator], pipeline_of: PipelineOf
+) -> None:
+    late = ",".join(str(i) for i in sorted(LATE))
+    refused = min(LATE)
+    sim = simulator(backlog=FIRST + 30, late_ids=late)
+    publisher = FakePublisher(transactional_id="t", refuse_ids={refused})
+    store = TransactionalMemoryStore(FIRST)
+    monotonic = Monotonic()
+    pipeline, _ = pipeline_of(
+        sim, publisher, store, exactly_once=True, min_interval_s=600, monotonic=monotonic
+    )
+    failures = 0
+    # As the scheduler runs it: a failed poll is retried after a short backoff, a
+    # successful one is followed by the next after the poll interval.
+    for _ in range(80):
+        try:
+            pipeline.poll()
+        except EventsRejectedError:
+            failures += 1
+            monotonic.now += 1
+            continue
+        monotonic.now += 600
+        if sim.high_id < DST_END_ID + 180:
+            sim.add(15)
+    assert sim.high_id >= DST_END_ID + 180
+    assert failures == 1  # the refusal aborted one check; its replay dead-lettered the CDR
+    ids = event_ids(publisher)
+    assert set(ids) == set(range(FIRST + 1, sim.high_id + 1)) - {refused}
+    assert max(ids.values()) == 1
+    assert found_late(publisher) == LATE - {refused}
+    dead = [json.loads(m.value) for m in publisher.delivered if m.topic == "dead"]
+    assert [(d["id"], d["reason"]) for d in dead] == [(refused, "kafka_rejected")]
