@@ -46,6 +46,7 @@ from streamer.publisher import (
     provision_topic,
     timestamp_limits,
 )
+from streamer.reconcile import Reconciler, Reconciliation
 from streamer.retry import Backoff
 from streamer.running import FileLock, KafkaLease, lease_holder
 from streamer.scheduler import FeedRunner, Runner, SftpRunner, run_together
@@ -237,6 +238,7 @@ def _build_pipeline(
     exactly_once: bool,
     limits: TimestampLimits,
     headers: Sequence[tuple[str, str | bytes | None]] = (),
+    reconcile: bool = False,
 ) -> FeedPipeline:
     """`cursor_store` None: the feed's own store, deciding a first cursor if it has none."""
     feed_metrics = metrics.for_feed(feed.name, poll_interval_s=feed.poll_interval_s)
@@ -245,7 +247,7 @@ def _build_pipeline(
         cursor_store = _starting_store(settings, feed, client)
     k = settings.kafka
     transactional_id = f"{k.transactional_id_prefix}-{feed.name}" if exactly_once else None
-    return FeedPipeline(
+    pipeline = FeedPipeline(
         name=feed.name,
         client=client,
         publisher_slot=_publisher_slot(settings, feed_metrics, transactional_id),
@@ -262,6 +264,25 @@ def _build_pipeline(
         timezone=feed.timezone,
         headers=headers,
     )
+    if reconcile and feed.reconcile:
+        pipeline.reconciler = Reconciler(
+            name=feed.name,
+            client=client,
+            sink=pipeline.sink,
+            store=cursor_store,
+            metrics=feed_metrics,
+            settings=Reconciliation(
+                horizon_s=feed.reconcile_horizon_h * 3600,
+                checks=feed.reconcile_checks,
+                min_interval_s=feed.reconcile_min_interval_s or feed.poll_interval_s,
+                clock="feed" if feed.reconcile_clock == "feed" else "wall",
+            ),
+            zone=pipeline.timezone,
+            exactly_once=exactly_once,
+            checkpoint_every=k.checkpoint_every,
+            page_size=feed.page_size,
+        )
+    return pipeline
 
 
 def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner]:
@@ -334,6 +355,7 @@ def _units(
             cursor_store=None,
             exactly_once=exactly_once,
             limits=limits,
+            reconcile=True,
         )
         runner = FeedRunner(
             pipeline,
@@ -347,9 +369,12 @@ def _units(
         # The cursor is read by the first poll: in exactly-once mode only after the
         # transactional producer has fenced any older instance.
         log.info(
-            "feed %s: polling %s as %s every %g s, %s, cursor in %r",
+            "feed %s: polling %s as %s every %g s, %s, cursor in %r, %s",
             feed.name, feed.url, feed.login, feed.poll_interval_s,
             settings.kafka.delivery.replace("_", "-"), pipeline.cursor_store,
+            f"reconciling the last {feed.reconcile_horizon_h:g} h ({feed.reconcile_checks} "
+            f"checks per hour, {feed.reconcile_clock} clock)"
+            if feed.reconcile else "reconciliation off",
         )  # fmt: skip
         source = paired.get(feed.name)
         if source is not None and sftp_metrics is not None:

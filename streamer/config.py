@@ -30,6 +30,8 @@ from streamer.sources.compression import MAX_DECOMPRESSED_BYTES
 PROVIDER_MIN_POLL_INTERVAL_S = (
     600.0  # "A reasonable polling frequency would be 10 minutes or greater."
 )
+# Reconciliation keeps twice the horizon of hours in the cursor record: a week at most.
+MAX_RECONCILE_HORIZON_H = 84.0
 DEFAULT_PASSWORD_ENV = "CDR_FEED_PASSWORD"  # noqa: S105 - the variable's name, not a password
 SCHEMA_REGISTRY_PASSWORD_ENV = "CDR_SCHEMA_REGISTRY_PASSWORD"  # noqa: S105 - likewise
 # The metrics endpoint's address when [metrics] host is not set; the Docker image sets
@@ -150,6 +152,13 @@ class FeedSettings:
     start_from: StartFrom = StartFrom()
     # The provider's local time zone: what its `date` and `hour` parameters mean.
     timezone: str = "Pacific/Auckland"
+    # Reconciliation (streamer/reconcile.py): recent hours asked for again, to find CDRs
+    # that became visible after the cursor had passed their ID.
+    reconcile: bool = True
+    reconcile_horizon_h: float = 24.0  # an hour's last check, this long after it ended
+    reconcile_checks: int = 3  # checks per hour, from 1 h after its end to the horizon
+    reconcile_min_interval_s: float = 0.0  # at most one check this often; 0: poll_interval_s
+    reconcile_clock: str = "wall"  # or "feed": hours age with the newest CDR's time
     # HTTPS: the CA certificates (PEM) to trust for the feed instead of the public ones
     # (certifi's; or SSL_CERT_FILE / SSL_CERT_DIR). Verification cannot be turned off.
     ca_file: str = ""
@@ -815,6 +824,17 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
         )
     if int(args.get("max_attempts", 5)) < 1:
         problems.add(f"{where}.max_attempts", "must be at least 1")
+    horizon = float(args.get("reconcile_horizon_h", 24.0))
+    if not 1 <= horizon <= MAX_RECONCILE_HORIZON_H:
+        problems.add(
+            f"{where}.reconcile_horizon_h",
+            f"must be 1 to {MAX_RECONCILE_HORIZON_H:g} hours, not {horizon:g}",
+        )
+    checks = int(args.get("reconcile_checks", 3))
+    if not 1 <= checks <= 24:
+        problems.add(f"{where}.reconcile_checks", f"must be 1 to 24, not {checks}")
+    if args.get("reconcile_clock", "wall") not in ("wall", "feed"):
+        problems.add(f"{where}.reconcile_clock", "must be 'wall' or 'feed'")
     zone = str(args.get("timezone", "Pacific/Auckland"))
     try:
         ZoneInfo(zone)

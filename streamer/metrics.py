@@ -106,6 +106,12 @@ SFTP_ERROR_KINDS = (
     "connection_error", "timeout", "auth_error", "host_key", "unreadable_file", "after_action",
 )  # fmt: skip
 
+# How late a CDR found by reconciliation was (its call time to its publication): ten
+# minutes to a week, as hours are re-checked up to the horizon (24 h by default) and
+# overdue checks later still.
+LATENESS_BUCKETS = (600, 1800, 3600, 7200, 4 * 3600, 8 * 3600, 86_400, 2 * 86_400, 7 * 86_400)
+RECONCILE_OUTCOMES = ("ok", "failed")
+
 # librdkafka states a broker connection can be in; only UP can carry requests.
 _BROKER_UP = "UP"
 
@@ -344,6 +350,54 @@ class Metrics:
             ["feed"],
             registry=registry,
         )
+        self.late_cdrs = Histogram(
+            f"{PREFIX}_late_cdr_lateness_seconds",
+            "CDRs found late by reconciliation (never published by the live poll: the "
+            "cursor had passed their ID before they became visible), confirmed in Kafka, by "
+            "how late: from the call's UTCDateTime to the check that found them. _count is "
+            "the number of late CDRs found (events and dead letters).",
+            ["feed"],
+            buckets=LATENESS_BUCKETS,
+            registry=registry,
+        )
+        self.reconcile_requests = Counter(
+            f"{PREFIX}_reconcile_requests_total",
+            "Requests of the reconciliation pass (one provider-local date and hour), by "
+            "outcome: ok, failed (after the client's retries).",
+            ["feed", "outcome"],
+            registry=registry,
+        )
+        self.reconcile_windows = Counter(
+            f"{PREFIX}_reconcile_windows_checked_total",
+            "Hours checked by reconciliation to the end of their answer.",
+            ["feed"],
+            registry=registry,
+        )
+        self.reconcile_missed = Counter(
+            f"{PREFIX}_reconcile_windows_missed_total",
+            "Hours that aged out of reconciliation (twice the horizon) with checks still due: "
+            "the request budget was behind, or the streamer was down.",
+            ["feed"],
+            registry=registry,
+        )
+        self.reconcile_hours = Gauge(
+            f"{PREFIX}_reconcile_record_windows",
+            "Windows (provider-local hours) in the feed's record of published IDs.",
+            ["feed"],
+            registry=registry,
+        )
+        self.reconcile_bytes = Gauge(
+            f"{PREFIX}_reconcile_record_bytes",
+            "Size of the record of published IDs in the committed cursor record.",
+            ["feed"],
+            registry=registry,
+        )
+        self.reconcile_due = Gauge(
+            f"{PREFIX}_reconcile_checks_due",
+            "Reconciliation checks due now and not yet made (more than 1: behind budget).",
+            ["feed"],
+            registry=registry,
+        )
         registry.register(_KafkaStatsCollector(self))
 
     def for_feed(
@@ -481,6 +535,37 @@ class FeedMetrics:
         if newest_event_s > self._newest_event_s:
             self._newest_event_s = newest_event_s
             self.newest_event.set(newest_event_s)
+
+    def reconcile_series(self) -> None:
+        """The reconciliation series of this feed, at zero from now on (reconciliation is on)."""
+        m = self.metrics
+        for outcome in RECONCILE_OUTCOMES:
+            m.reconcile_requests.labels(self.feed, outcome)
+        m.reconcile_windows.labels(self.feed)
+        m.reconcile_missed.labels(self.feed)
+        m.late_cdrs.labels(self.feed)
+
+    def reconcile_request(self, outcome: str) -> None:
+        """One reconciliation request ended (ok or failed)."""
+        self.metrics.reconcile_requests.labels(self.feed, outcome).inc()
+
+    def window_checked(self) -> None:
+        self.metrics.reconcile_windows.labels(self.feed).inc()
+
+    def late_found(self, lateness_s: Iterable[float]) -> None:
+        """CDRs found late and confirmed in Kafka, each with how late it was."""
+        histogram = self.metrics.late_cdrs.labels(self.feed)
+        for seconds in lateness_s:
+            histogram.observe(seconds)
+
+    def reconcile_state(self, *, hours: int, record_bytes: int, due: int) -> None:
+        m = self.metrics
+        m.reconcile_hours.labels(self.feed).set(hours)
+        m.reconcile_bytes.labels(self.feed).set(record_bytes)
+        m.reconcile_due.labels(self.feed).set(due)
+
+    def windows_missed(self, n: int) -> None:
+        self.metrics.reconcile_missed.labels(self.feed).inc(n)
 
     def timestamp_replaced(self, reason: str) -> None:
         """One event published with the produce time as its timestamp, for `reason`."""

@@ -33,13 +33,14 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from functools import partial
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 from zoneinfo import ZoneInfo
 
 from streamer.cursor import (
     CursorStore,
     FeedCursor,
     IdRanges,
+    PublishedHours,
     TransactionalCursorStore,
     is_transactional_store,
 )
@@ -57,11 +58,17 @@ from streamer.records import CallRecord, Rejection, Row, to_record
 from streamer.sink import Batch, Encoder, EventSink, PublisherSlot
 from streamer.sources.feed import FeedClient
 
+if TYPE_CHECKING:  # reconcile.py builds on this module's Drive
+    from streamer.reconcile import Notes, PublishedRecord, Reconciler
+
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 10.0
 REPEATED_FAILURES_WARN = 3  # same cursor, same failure, this many times: say so loudly
 MAX_WITHOUT_ID_KEPT = 1000  # digests of rows without an ID, kept in the cursor
+# Skipped rows that are published all the same (by the paired SFTP source, or by an
+# earlier try of this cursor): reconciliation must know them as published.
+_PUBLISHED_SKIPS = frozenset({"covered_by_sftp", "confirmed_before"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +131,7 @@ class Drive:
         file: str | None = None,
         on_checkpoint: Callable[[], None] | None = None,
         progress: Callable[[Tally], None] | None = None,
+        published: Notes | None = None,
     ) -> None:
         self.sink = sink
         self.publisher = publisher
@@ -134,6 +142,8 @@ class Drive:
         self.file = file
         self.on_checkpoint = on_checkpoint
         self.progress = progress
+        # Told of every CDR handled, for reconciliation's record of what was published.
+        self.published = published
         self.batch = Batch()
         self.tally = Tally()
         # The earliest local date of the rows handled, when asked (`track_days`): where a
@@ -155,6 +165,8 @@ class Drive:
     def _run(self, rows: Iterable[Row | Rejection], next_progress: float) -> None:
         sink, publisher, position, tally = self.sink, self.publisher, self.position, self.tally
         refused = sink.refused
+        published = self.published
+        note = published.add if published is not None else None
         for row in rows:
             tally.rows += 1
             # Step 3: type the row; a row that cannot be typed becomes a rejection.
@@ -169,6 +181,8 @@ class Drive:
             skip = position.admit(cdr_id, row.raw)
             if skip is not None:
                 tally.skipped[skip] += 1
+                if note is not None and skip in _PUBLISHED_SKIPS and isinstance(item, CallRecord):
+                    note(item)
                 continue
             # Step 4: produce the event or the dead letter.
             if isinstance(item, CallRecord) and refused and item.id in refused:
@@ -178,9 +192,13 @@ class Drive:
             if isinstance(item, CallRecord):
                 sink.publish(publisher, item, self.batch, self.headers, row.raw)
                 tally.published += 1
+                if note is not None:
+                    note(item)
             else:
                 sink.dead_letter(publisher, item, self.batch, fromid=self.fromid, file=self.file)
                 tally.dead_lettered += 1
+                if published is not None and item.cdr_id is not None:
+                    published.add_id(item.cdr_id)
             if self.batch.size >= self.checkpoint_every and position.checkpoint_safe():
                 # Step 5 (mid-stream): the rows so far, confirmed, then the cursor.
                 self.checkpoint()
@@ -270,9 +288,11 @@ class FeedPosition:
         exactly_once: bool,
         ascending: bool,
         covered: Container[int] | None,
+        record: PublishedRecord | None = None,
     ) -> None:
         self.name = name
         self.start = start
+        self.record = record  # reconciliation's record of what was published, if on
         self.committed = start.cursor
         self.high = start.cursor  # the highest ID handled (published or dead-lettered) so far
         self.store = store
@@ -323,12 +343,13 @@ class FeedPosition:
         response broke off: the cursor moves only over IDs handled without a gap from
         it, and every other ID handled is kept as confirmed above it.
         """
+        published = self.record.snapshot() if self.record is not None else None
         if broken:
-            state = self._partial_state()
+            state = self._partial_state(published)
         else:
             confirmed = self._confirmed_before.copy()
             confirmed.discard_through(self.high)
-            state = FeedCursor(self.high, tuple(confirmed), tuple(self._without_id))
+            state = FeedCursor(self.high, tuple(confirmed), tuple(self._without_id), published)
         if state == self.start and self.committed == state.cursor:
             return None
         if self.exactly_once:
@@ -337,7 +358,7 @@ class FeedPosition:
             return Commit((store.message_state(state),), on_confirmed)
         return Commit((), partial(self._committed, self.store.commit_state, state))
 
-    def _partial_state(self) -> FeedCursor:
+    def _partial_state(self, published: PublishedHours | None) -> FeedCursor:
         handled = IdRanges.of([*self._confirmed_before, *self._seen])
         cursor = self._fromid
         ranges = list(handled)
@@ -345,12 +366,14 @@ class FeedPosition:
             cursor = max(cursor, ranges[0][1])
         handled.discard_through(cursor)
         without_id = tuple(dict.fromkeys((*self.start.without_id, *self._without_id)))
-        return FeedCursor(cursor, tuple(handled), without_id[-MAX_WITHOUT_ID_KEPT:])
+        return FeedCursor(cursor, tuple(handled), without_id[-MAX_WITHOUT_ID_KEPT:], published)
 
     def _committed(self, commit: Callable[[FeedCursor], None], state: FeedCursor) -> None:
         commit(state)
         self.committed = state.cursor
         self.start = state
+        if self.record is not None:
+            self.record.committed = state.published
 
 
 @dataclass
@@ -386,6 +409,7 @@ class PollResult:
     dead_lettered_before: int = 0  # rows without an ID, dead-lettered before
     more: bool = False  # a catch-up by date windows goes on: poll again at once
     seconds: float = 0.0
+    late: int = 0  # CDRs found late by this poll's reconciliation check (published or dead)
 
 
 class FeedPipeline:
@@ -399,6 +423,10 @@ class FeedPipeline:
     `covered_by`, for a feed paired with an SFTP source: called once per poll, it gives
     the IDs that source already published above this feed's cursor; they are skipped
     (counted as covered_by_sftp) and the cursor moves over them.
+
+    `reconciler` (streamer/reconcile.py; set by app.py once the pipeline's sink
+    exists): every CDR handled is noted in its record, which each commit carries,
+    and after a successful poll it may check one recent hour for CDRs found late.
     """
 
     def __init__(
@@ -450,6 +478,10 @@ class FeedPipeline:
         self._catch_up: CatchUp | None = None
         self._last_failure: tuple[int, str, str] | None = None
         self._same_failures = 0
+        self.reconciler: Reconciler | None = None
+        # The record after the last successful poll: the next poll goes on with it when
+        # the committed one is still the same, instead of decoding it again.
+        self._record: PublishedRecord | None = None
         self.sink = EventSink(
             name=name,
             source=source,
@@ -485,9 +517,14 @@ class FeedPipeline:
         self.metrics.cursor.set(fromid)
         log.debug("feed %s: polling from cursor %d", self.name, fromid)
         result = PollResult(cursor_before=fromid, cursor_after=fromid)
+        record: PublishedRecord | None = None
         try:
-            self._poll(publisher, start, covered, result, started)
+            record = self._record_of(start, covered)
+            self._poll(publisher, start, covered, result, started, record)
+            if record is not None and self._catch_up is None:
+                self._reconcile(publisher, covered, record, result)
         except BaseException as exc:
+            self._record = None  # it may hold what no commit made durable
             self._count_failure(fromid, exc)
             self.sink.recover(publisher, exc)
             forget = getattr(self.cursor_store, "forget", None)
@@ -496,17 +533,51 @@ class FeedPipeline:
                 forget()
             raise
         self.last_cursor = result.cursor_after
-        self.sink.forget_refused_through(result.cursor_after)
+        self.sink.forget_refused_through(
+            result.cursor_after, record.knows if record is not None else None
+        )
         self.metrics.skip("below_cursor", result.skipped)
         self.metrics.skip("duplicate", result.duplicates)
         self.metrics.skip("covered_by_sftp", result.covered)
         self.metrics.skip("confirmed_before", result.confirmed_before)
         self.metrics.skip("dead_lettered_before", result.dead_lettered_before)
+        if record is not None and self.reconciler is not None:
+            self._record = record
+            self.reconciler.observe(record)
         self.metrics.poll_succeeded()
         self._same_failures, self._last_failure = 0, None
         self.metrics.repeated_failures.set(0)
         result.seconds = time.monotonic() - started
         return result
+
+    def _record_of(
+        self, start: FeedCursor, covered: Container[int] | None
+    ) -> PublishedRecord | None:
+        """Reconciliation's working record for this poll (None: reconciliation is off)."""
+        if self.reconciler is None:
+            return None
+        record = self._record
+        if record is None or record.committed != start.published:
+            record = self.reconciler.record(start)
+        if isinstance(covered, IdRanges):
+            record.add_ranges(covered)  # published by the paired SFTP source
+        return record
+
+    def _reconcile(
+        self,
+        publisher: Publisher,
+        covered: Container[int] | None,
+        record: PublishedRecord,
+        result: PollResult,
+    ) -> None:
+        """At most one hour's reconciliation check, if one is due and the budget allows."""
+        reconciler = self.reconciler
+        if reconciler is None or not reconciler.ready():
+            return
+        # The cursor this poll committed: a check publishes only IDs at or below it.
+        check = reconciler.check(publisher, self.cursor_store.load_state(), record, covered)
+        if check is not None:
+            result.late = check.late + check.late_dead_lettered
 
     def _count_failure(self, fromid: int, exc: BaseException) -> None:
         """Polls failing the same way from the same cursor: a break that recurs every time."""
@@ -547,14 +618,15 @@ class FeedPipeline:
         covered: Container[int] | None,
         result: PollResult,
         started: float,
+        record: PublishedRecord | None = None,
     ) -> None:
         if self._catch_up is not None:
-            self._poll_window(publisher, start, covered, result, started, self._catch_up)
+            self._poll_window(publisher, start, covered, result, started, self._catch_up, record)
             return
         fromid = start.cursor
         position = FeedPosition(
             self.name, start, self.cursor_store, exactly_once=self.exactly_once,
-            ascending=self.ids_ascending, covered=covered,
+            ascending=self.ids_ascending, covered=covered, record=record,
         )  # fmt: skip
 
         def checkpointed() -> None:
@@ -566,7 +638,7 @@ class FeedPipeline:
         drive = Drive(
             self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
             fromid=fromid, on_checkpoint=checkpointed, headers=self._headers(fromid),
-            progress=partial(self._log_progress, position, started),
+            progress=partial(self._log_progress, position, started), published=record,
         )  # fmt: skip
         drive.track_days = self._same_failures > 0  # a break may recur: note where it starts
         try:
@@ -601,16 +673,17 @@ class FeedPipeline:
         result: PollResult,
         started: float,
         catch_up: CatchUp,
+        record: PublishedRecord | None = None,
     ) -> None:
         """One date (or hour) window of a catch-up; the last one moves the cursor over all."""
         day, hour = catch_up.windows[0]
         position = FeedPosition(
             self.name, start, self.cursor_store, exactly_once=self.exactly_once,
-            ascending=False, covered=covered,
+            ascending=False, covered=covered, record=record,
         )  # fmt: skip
         drive = Drive(
             self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
-            fromid=start.cursor, headers=self._headers(start.cursor),
+            fromid=start.cursor, headers=self._headers(start.cursor), published=record,
         )  # fmt: skip
         window = replace(self.client.query, date=day, hour=hour)
         try:

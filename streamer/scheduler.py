@@ -194,15 +194,17 @@ class FeedRunner(Runner):
         )
         log.info(
             "feed %s: %d rows in %.1f s: %d published, %d dead letters, %d skipped, "
-            "%d duplicates%s; cursor %d -> %d",
+            "%d duplicates%s%s; cursor %d -> %d",
             self.name, result.rows, result.seconds, result.published, result.dead_lettered,
             result.skipped, result.duplicates,
             f", {result.covered} published by its file source" if result.covered else "",
+            f", {result.late} found late by reconciliation" if result.late else "",
             result.cursor_before, result.cursor_after,
             extra=fields(
                 "poll", rows=result.rows, seconds=round(result.seconds, 3),
                 published=result.published, dead_letters=result.dead_lettered,
                 skipped=result.skipped, duplicates=result.duplicates, covered=result.covered,
+                late=result.late,
                 cursor_before=result.cursor_before, cursor_after=result.cursor_after,
             ),
         )  # fmt: skip

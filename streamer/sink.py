@@ -339,10 +339,19 @@ class EventSink:
         while len(self.refused) > MAX_REFUSED_KEPT:
             del self.refused[next(iter(self.refused))]
 
-    def forget_refused_through(self, cursor: int) -> None:
-        """IDs at or below a committed cursor are done with."""
+    def forget_refused_through(
+        self, cursor: int, handled: Callable[[int], bool] | None = None
+    ) -> None:
+        """IDs at or below a committed cursor are done with, if `handled` (when given) says so.
+
+        Reconciliation publishes IDs below the cursor: one whose event Kafka refused in a
+        check is done with only once a later check of its hour has dead-lettered it.
+        """
         if self.refused:
-            self.refused = {i: r for i, r in self.refused.items() if i > cursor}
+            self.refused = {
+                i: r for i, r in self.refused.items()
+                if i > cursor or (handled is not None and not handled(i))
+            }  # fmt: skip
 
     def recover(self, publisher: Publisher, exc: BaseException) -> None:
         """After a failed poll: nothing of an open transaction may become visible."""

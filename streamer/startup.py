@@ -275,7 +275,8 @@ def recover_cursor(
     """A cursor under which every CDR of this feed is on `topic` (read_committed), or None.
 
     None when the topic holds no live event of the feed (headers `feed` = its name,
-    `source` = `feed`, no `replay`). Each event carries `fromid`, the committed cursor its
+    `source` = `feed`, no `replay`, no `found_late`: reconciliation's finds lie below
+    the cursor and carry no `fromid`). Each event carries `fromid`, the committed cursor its
     poll started from; the last poll is the one with the highest `fromid` (F). Its events
     went out in ID order, each partition keeping the order, so a crash left each
     partition holding a prefix of them: every ID up to the lowest of the partitions'
@@ -371,6 +372,7 @@ def _better(
         headers.get("feed") != wanted
         or headers.get("source") != b"feed"
         or "replay" in headers
+        or "found_late" in headers  # below the cursor by definition: says nothing of it
         or not isinstance(cdr_id, bytes)
     ):
         return best

@@ -64,6 +64,11 @@ _HELP = {
     "retry_after_s": "the Retry-After of those 429 answers",
     "truncate_rate": "share of bodies cut short",
     "html_error_rate": "share of requests answered with an HTML error page",
+    "cut_after_rows": "cut every answer of more rows than this short, the same way every time",
+    "late_ids": "IDs inserted late (ID,FIRST-LAST,...): visible only once --late-by-ids "
+    "higher IDs exist, after a cursor has passed them",
+    "late_rate": "share of IDs inserted late (chosen by seed), as --late-ids",
+    "late_by_ids": "how many higher IDs exist before a late ID becomes visible",
 }
 _ALIASES = {"rate_per_s": ["--rate"]}
 

@@ -31,7 +31,7 @@ NUMERIC_FIELDS = frozenset(
 )  # fmt: skip
 FAULTS: tuple[str, ...] = (
     "500", "503", "429", "truncate", "truncate_chunked", "html", "auth_text200", "auth_html200",
-    "latency", "cut_last_line",
+    "latency", "cut_last_line", "stall",
 )  # fmt: skip
 MALFORMATIONS: tuple[str, ...] = (
     "bad_date", "bad_time", "bad_id", "wrong_field_count", "empty_account", "bad_decimal",
@@ -127,6 +127,13 @@ class SimulatorConfig:
     # batch that passes it, the same way every time (0: never). Smaller answers (a date
     # or hour window, a later cursor) get through.
     cut_after_rows: int = 0
+    # Late IDs, the failure of every incrementing-ID source: these rows have their IDs (and
+    # call times) but become visible only once `late_by_ids` higher IDs exist, so a cursor
+    # has already passed them when they appear (concurrent inserts committed out of order,
+    # late-rated calls). `late_ids`: "ID,ID-ID,..."; `late_rate`: a share of all IDs, by seed.
+    late_ids: str = ""
+    late_rate: float = 0.0
+    late_by_ids: int = 100
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -148,6 +155,7 @@ class SimulatorConfig:
         check(self.max_rows is None or self.max_rows >= 1, "max_rows must be None or >= 1")
         check(self.batch_rows >= 1, "batch_rows must be >= 1")
         check(self.cut_after_rows >= 0, "cut_after_rows must be >= 0")
+        check(self.late_by_ids >= 1, "late_by_ids must be >= 1")
         check(self.line_ending in ("\n", "\r\n"), "line_ending must be '\\n' or '\\r\\n'")
         for name, allowed in (
             ("date_style", DateStyle),
@@ -169,10 +177,14 @@ class SimulatorConfig:
         check(self.latency_s >= 0, "latency_s must be >= 0")
         check(self.retry_after_s >= 0, "retry_after_s must be >= 0")
         for name in ("malformed_rate", "error_rate", "rate_limit_rate", "truncate_rate",
-                     "html_error_rate"):  # fmt: skip
+                     "html_error_rate", "late_rate"):  # fmt: skip
             check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be within 0..1")
         try:
             self.odd_row_map()
+        except ValueError as exc:
+            problems.append(str(exc))
+        try:
+            self.late_id_ranges()
         except ValueError as exc:
             problems.append(str(exc))
         if problems:
@@ -189,3 +201,19 @@ class SimulatorConfig:
                 )
             out[int(text)] = kind
         return out
+
+    def late_id_ranges(self) -> tuple[tuple[int, int], ...]:
+        """`late_ids` as (first, last) pairs; ValueError if it is not "ID,ID-ID,..."."""
+        out = []
+        for part in filter(None, (p.strip() for p in self.late_ids.split(","))):
+            first, _, last = part.partition("-")
+            last = last or first
+            if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+                raise ValueError(f"late_ids entry {part!r} is not ID or FIRST-LAST")
+            out.append((int(first), int(last)))
+        return tuple(out)
+
+    @property
+    def has_late_ids(self) -> bool:
+        return bool(self.late_ids.strip()) or self.late_rate > 0
+

@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, urlsplit
 from streamer.simulator.config import AUTH_FAILURE_TEXT, FAULTS, FORMATS, PATH, SimulatorConfig
 from streamer.simulator.data import CdrGenerator
 from streamer.simulator.render import Part, Prerendered, Renderer, RowCount, batched
-from streamer.simulator.store import FeedQuery, FeedStore
+from streamer.simulator.store import FeedQuery, FeedStore, LateIds
 
 logger = logging.getLogger("streamer.simulator")  # one name for the whole simulator
 
@@ -220,7 +220,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path != PATH:
             self._send_text(404, "Not Found")
             return
-        fault, fault_params = sim._take_fault()
+        fault, fault_params = sim._take_fault(params)
         delay = cfg.latency_s + (fault_params.get("seconds", 1.0) if fault == "latency" else 0.0)
         if delay > 0:
             sim._stopping.wait(delay)
@@ -252,7 +252,8 @@ class _Handler(BaseHTTPRequestHandler):
         except _BadRequestError as exc:
             self._send_text(400, str(exc), fault=fault)
             return
-        body_fault = fault if fault in ("truncate", "truncate_chunked", "cut_last_line") else None
+        body_faults = ("truncate", "truncate_chunked", "cut_last_line", "stall")
+        body_fault = fault if fault in body_faults else None
         prerendered = sim.prerendered
         if (
             body_fault is None
@@ -261,7 +262,7 @@ class _Handler(BaseHTTPRequestHandler):
         ):
             self._send_prerendered(prerendered, query, fault)
             return
-        self._send_feed(fmt, query, body_fault, fault)
+        self._send_feed(fmt, query, body_fault, fault, fault_params.get("seconds", 1.0))
 
     def _record(self, status: int, rows: int, fault: str | None) -> None:
         self.sim._record(replace(self._incoming, status=status, rows=rows, fault=fault))
@@ -324,7 +325,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _send_feed(
-        self, fmt: str, query: FeedQuery, body_fault: str | None, fault: str | None
+        self,
+        fmt: str,
+        query: FeedQuery,
+        body_fault: str | None,
+        fault: str | None,
+        stall_s: float = 1.0,
     ) -> None:
         sim, cfg = self.sim, self.sim.config
         le = cfg.line_ending.encode()
@@ -378,6 +384,18 @@ class _Handler(BaseHTTPRequestHandler):
         chunks = (part.cut(le) if cut and part.last else part.data() for part in parts)
         first = next(chunks)
         second = next(chunks, None)
+        if body_fault == "stall" and second is not None:
+            # The first part, then nothing for a while (a database lock, a busy provider):
+            # a client killed meanwhile has the rows of that part and no more.
+            write = self._start_streamed(content_type)
+            write(first)
+            with sim._lock:
+                sim.stalls_started += 1
+            sim._stopping.wait(stall_s)
+            first, second = second, next(chunks, None)
+            pending = [first] if second is None else [first, second]
+            self._stream(write, itertools.chain(pending, chunks), counter, fault)
+            return
         if cfg.transfer == "length" or (cfg.transfer == "auto" and second is None):
             body = first + (second or b"") + b"".join(chunks)
             self._record(200, counter.rows, fault)
@@ -385,9 +403,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
             return
         pending = [first] if second is None else [first, second]
+        self._stream(
+            self._start_streamed(content_type), itertools.chain(pending, chunks), counter, fault
+        )
+
+    def _stream(
+        self,
+        write: Callable[[bytes], object],
+        chunks: Iterator[bytes],
+        counter: RowCount,
+        fault: str | None,
+    ) -> None:
+        """Write a streamed body's pieces, then its end; the request is logged either way."""
+        sim, cfg = self.sim, self.sim.config
         try:
-            write = self._start_streamed(content_type)
-            for chunk in itertools.chain(pending, chunks):
+            for chunk in chunks:
                 if sim._stopping.is_set():
                     self.close_connection = True
                     self._record(200, counter.rows, fault)
@@ -464,15 +494,25 @@ class BillingFeedSimulator:
             status_fault_from_id=config.status_fault_from_id,
             odd_rows=config.odd_row_map(),
         )
+        late = None
+        if config.has_late_ids:
+            late = LateIds(
+                config.late_id_ranges(), rate=config.late_rate, seed=config.seed,
+                late_by=config.late_by_ids,
+            )  # fmt: skip
         self.store = FeedStore(
             self.generator,
             backlog=config.backlog,
             rate_per_s=config.rate_per_s,
             clock=clock,
             max_rows=config.max_rows,
+            late=late,
         )
         self._lock = threading.Lock()
         self._faults: deque[tuple[str, dict[str, float]]] = deque()
+        self.stalls_started = 0  # answers that began a "stall" fault
+        # Faults for the requests of one date and hour: (date, hour) -> queue.
+        self._window_faults: dict[tuple[str, str], deque[tuple[str, dict[str, float]]]] = {}
         self._dice = random.Random(f"cdr-streamer faults {config.seed}")
         self._turns: dict[str, int] = {}
         self._log: list[RequestRecord] = []
@@ -554,16 +594,39 @@ class BillingFeedSimulator:
         """Give the next `count` requests this fault (one of FAULTS), in order after earlier ones.
 
         Parameters: "429" retry_after (seconds; default `retry_after_s`), "latency" seconds
-        (default 1), "html" status (default 200).
+        (default 1), "html" status (default 200), "stall" seconds (default 1: the first
+        part of the body, then this long nothing, then the rest).
         """
-        allowed = {"429": {"retry_after"}, "latency": {"seconds"}, "html": {"status"}}
+        self._check_fault(fault, params)
+        with self._lock:
+            self._faults.extend((fault, dict(params)) for _ in range(count))
+
+    def inject_window(
+        self, fault: str, day: date, hour: int | None = None, count: int = 1, **params: float
+    ) -> None:
+        """Like `inject`, for the next `count` requests of this `date` (and `hour`) only."""
+        self._check_fault(fault, params)
+        key = (day.isoformat(), "" if hour is None else str(hour))
+        with self._lock:
+            queue = self._window_faults.setdefault(key, deque())
+            queue.extend((fault, dict(params)) for _ in range(count))
+
+    @staticmethod
+    def _check_fault(fault: str, params: Mapping[str, float]) -> None:
+        allowed = {
+            "429": {"retry_after"}, "latency": {"seconds"}, "html": {"status"},
+            "stall": {"seconds"},
+        }  # fmt: skip
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
         unknown = set(params) - allowed.get(fault, set())
         if unknown:
             raise ValueError(f"fault {fault!r} takes no parameter {', '.join(sorted(unknown))}")
-        with self._lock:
-            self._faults.extend((fault, dict(params)) for _ in range(count))
+
+    def is_late(self, cdr_id: int) -> bool:
+        """True if this ID is one inserted late (`late_ids`, `late_rate`), visible by now or not."""
+        late = self.store.late
+        return late is not None and late.is_late(cdr_id)
 
     @property
     def requests(self) -> tuple[RequestRecord, ...]:
@@ -595,10 +658,18 @@ class BillingFeedSimulator:
             f" fault={record.fault}" if record.fault else "",
         )
 
-    def _take_fault(self) -> tuple[str | None, dict[str, float]]:
-        """The next injected fault, else one drawn with the configured rates."""
+    def _take_fault(
+        self, params: Mapping[str, str] | None = None
+    ) -> tuple[str | None, dict[str, float]]:
+        """The next injected fault (for this request's window first), else one drawn."""
         cfg = self.config
         with self._lock:
+            if params is not None and params.get("date"):
+                hour = params.get("hour", "")
+                key = (params["date"], str(int(hour)) if hour.isdigit() else "")
+                queue = self._window_faults.get(key)
+                if queue:
+                    return queue.popleft()
             if self._faults:
                 return self._faults.popleft()
             rates = (

@@ -208,6 +208,7 @@ class Prerendered:
             fmt == self.fmt
             and plain
             and not config.unsorted
+            and not config.has_late_ids
             and store.high_id == self.high_id
             and query.from_id < self.high_id
         )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import logging
 import math
+import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as time_of_day
@@ -30,8 +33,42 @@ class FeedQuery:
     services_only: bool = False
 
 
+class LateIds:
+    """Which IDs become visible late, and when: once `late_by` higher IDs exist."""
+
+    def __init__(
+        self,
+        ranges: Sequence[tuple[int, int]] = (),
+        *,
+        rate: float = 0.0,
+        seed: int = 1,
+        late_by: int = 100,
+    ) -> None:
+        merged = sorted(ranges)
+        self._starts = [first for first, _ in merged]
+        self._ends = [last for _, last in merged]
+        self.rate = rate
+        self.late_by = late_by
+        digest = hashlib.sha256(f"cdr-streamer late {seed}".encode()).digest()
+        self._key = int.from_bytes(digest[:8], "big") << 64
+
+    def is_late(self, cdr_id: int) -> bool:
+        """Is this ID one that is inserted late (whether visible by now or not)?"""
+        i = bisect.bisect_right(self._starts, cdr_id) - 1
+        if i >= 0 and cdr_id <= self._ends[i]:
+            return True
+        return self.rate > 0 and random.Random(self._key | cdr_id).random() < self.rate
+
+    def hidden(self, cdr_id: int, high_id: int) -> bool:
+        """Is this ID still invisible while the highest ID is `high_id`?"""
+        return high_id < cdr_id + self.late_by and self.is_late(cdr_id)
+
+
 class FeedStore:
-    """The CDRs that exist: IDs 1..high_id, growing with the clock and with `add`."""
+    """The CDRs that exist: IDs 1..high_id, growing with the clock and with `add`.
+
+    With `late`, some of them stay invisible until enough higher IDs exist.
+    """
 
     def __init__(
         self,
@@ -41,8 +78,10 @@ class FeedStore:
         rate_per_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         max_rows: int | None = None,
+        late: LateIds | None = None,
     ) -> None:
         self.generator = generator
+        self.late = late
         self._backlog = backlog
         self._rate = rate_per_s
         self._clock = clock
@@ -65,9 +104,17 @@ class FeedStore:
         with self._lock:
             self._added += n
 
+    def visible(self, cdr_id: int, high_id: int | None = None) -> bool:
+        """Does the feed serve this ID now (it exists, and is not a late one still hidden)?"""
+        high = self.high_id if high_id is None else high_id
+        hidden = self.late is not None and self.late.hidden(cdr_id, high)
+        return 1 <= cdr_id <= high and not hidden
+
     def select(self, query: FeedQuery) -> Iterator[tuple[int, dict[str, str]]]:
         """(ID, canonical row) for each matching CDR with ID > from_id, ascending, lazily."""
-        first, last = query.from_id + 1, self.high_id
+        high = self.high_id
+        late = self.late
+        first, last = query.from_id + 1, high
         want_date = want_hour = None
         if query.date is not None:
             local = datetime.combine(query.date, time_of_day(query.hour or 0), UTC)
@@ -78,6 +125,8 @@ class FeedStore:
             want_hour = None if query.hour is None else f"{query.hour:02d}"
         count = 0
         for cdr_id in range(first, last + 1):
+            if late is not None and late.hidden(cdr_id, high):
+                continue
             row = self.generator.row(cdr_id)
             if want_date is not None and row["Date"] != want_date:
                 continue

@@ -241,3 +241,21 @@ def test_unknown_encoding_refused_with_the_choices() -> None:
     with pytest.raises(ConfigError) as info:
         parse_settings(settings_of({**FEED, "encoding": "ebcdic"}), env={"CDR_FEED_PASSWORD": "p"})
     assert "feeds[main].encoding: must be one of utf-8, cp1252" in str(info.value)
+
+
+def test_reconciliation_is_on_by_default_and_its_settings_are_checked() -> None:
+    feed = parse_settings(settings_of(FEED), env={"CDR_FEED_PASSWORD": "pw"}).feeds[0]
+    assert (feed.reconcile, feed.reconcile_horizon_h, feed.reconcile_checks) == (True, 24.0, 3)
+    assert (feed.reconcile_min_interval_s, feed.reconcile_clock) == (0.0, "wall")
+    bad = {
+        **FEED, "reconcile_horizon_h": 0.5, "reconcile_checks": 0, "reconcile_clock": "utc",
+        "reconcile": "yes",
+    }  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(settings_of(bad), env={"CDR_FEED_PASSWORD": "pw"})
+    message = str(caught.value)
+    for problem in (
+        "reconcile_horizon_h: must be 1 to 84 hours", "reconcile_checks: must be 1 to 24",
+        "reconcile_clock: must be 'wall' or 'feed'", "reconcile: must be true or false",
+    ):  # fmt: skip
+        assert problem in message

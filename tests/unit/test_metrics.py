@@ -297,6 +297,11 @@ def test_exposition_passes_promtool(registry: CollectorRegistry, feed: FeedMetri
     confirm(feed, [kpi_record("International"), kpi_record("Service", charge="-5")])
     feed.kafka_stats(stats_json())
     feed.poll_error("AuthError")
+    feed.reconcile_series()
+    feed.reconcile_request("ok")
+    feed.window_checked()
+    feed.late_found([4000.0, 90_000.0])
+    feed.reconcile_state(hours=24, record_bytes=1200, due=0)
     result = subprocess.run(
         [promtool, "check", "metrics"],
         input=generate_latest(registry),

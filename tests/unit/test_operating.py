@@ -346,3 +346,17 @@ def test_first_cursor_is_kept_until_committed_and_committed_when_found(tmp_path:
     assert recovered.load() == 99
     assert json.loads((tmp_path / "recovered.json").read_text())["cursor"] == 99
     assert calls == ["resolve 7", "resolve latest"]  # each resolved once
+
+
+def test_recovery_reads_past_events_reconciliation_found_late() -> None:
+    """A late find has no fromid and lies below the cursor: it neither vouches nor refuses."""
+    from streamer.startup import _better
+
+    live = {"feed": b"main", "source": b"feed", "cdr_id": b"120", "fromid": b"100"}
+    late = {"feed": b"main", "source": b"feed", "cdr_id": b"57", "found_late": b"true"}
+    best = _better(None, live, b"main")
+    assert best == (100, 120)
+    assert _better(best, late, b"main") == (100, 120)
+    assert _better(None, late, b"main") is None  # not an event of a poll: read further back
+    older = {"feed": b"main", "source": b"feed", "cdr_id": b"9"}  # no fromid: an old streamer
+    assert _better(None, older, b"main") == (None, 9)

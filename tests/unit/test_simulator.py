@@ -1019,3 +1019,65 @@ def test_prerendered_simulator_renders_other_requests_on_demand(make_sim: MakeSi
     fast.add(5)  # rows beyond the prerendered backlog: rendered on request
     slow.add(5)
     assert fetch(fast, fromid="10").content == fetch(slow, fromid="10").content
+
+
+# --- late IDs: rows that become visible after higher IDs were served -------------------------
+
+
+def _ids(response: httpx.Response) -> list[int]:
+    return [int(row["ID"]) for row in csv.DictReader(io.StringIO(response.text))]
+
+
+def test_late_ids_appear_once_enough_higher_ids_exist(make_sim: MakeSim) -> None:
+    sim = make_sim(backlog=100, late_ids="90,95-96", late_by_ids=20)
+    assert _ids(fetch(sim, fromid="88")) == [89, 91, 92, 93, 94, 97, 98, 99, 100]
+    assert sim.is_late(95)
+    assert not sim.is_late(97)
+    sim.add(10)  # 110: ID 90 has 20 higher IDs now; 95 and 96 do not yet
+    assert _ids(fetch(sim, fromid="88"))[:8] == [89, 90, 91, 92, 93, 94, 97, 98]
+    sim.add(5)
+    assert 95 in _ids(fetch(sim, fromid="85"))
+    assert 96 not in _ids(fetch(sim, fromid="85"))
+    day = sim.row(90)["Date"]  # a date window serves a late row only once it is visible too
+    assert 96 not in _ids(fetch(sim, fromid="0", date=day))
+    assert 90 in _ids(fetch(sim, fromid="0", date=day))
+
+
+def test_late_rate_chooses_ids_by_seed() -> None:
+    late = [i for i in range(1, 2001) if BillingFeedSimulator(config(late_rate=0.05)).is_late(i)]
+    again = [i for i in range(1, 2001) if BillingFeedSimulator(config(late_rate=0.05)).is_late(i)]
+    assert late == again
+    assert 50 <= len(late) <= 150
+
+
+@pytest.mark.parametrize("late_ids", ["x", "5-3", "-2", "1-2-3"])
+def test_bad_late_ids_are_refused(late_ids: str) -> None:
+    with pytest.raises(ConfigError, match="late_ids"):
+        config(late_ids=late_ids)
+
+
+def test_a_window_fault_hits_only_that_date_and_hour(make_sim: MakeSim) -> None:
+    sim = make_sim(backlog=300)
+    day = date.fromisoformat(sim.row(100)["Date"])
+    hour = int(sim.row(100)["Time"][:2])
+    sim.inject_window("500", day, hour)
+    assert fetch(sim, fromid="0").status_code == 200  # not a window request
+    assert fetch(sim, fromid="0", date=day.isoformat(), hour=str(hour + 1)).status_code == 200
+    assert fetch(sim, fromid="0", date=day.isoformat(), hour=str(hour)).status_code == 500
+    assert fetch(sim, fromid="0", date=day.isoformat(), hour=str(hour)).status_code == 200
+
+
+def test_a_stall_sends_the_first_part_then_waits(make_sim: MakeSim) -> None:
+    sim = make_sim(backlog=300, batch_rows=50)
+    sim.inject("stall", seconds=0.5)
+    started = time.monotonic()
+    with httpx.stream(
+        "POST", sim.url, data={"login": LOGIN, "password": PASSWORD, "fromid": "0"}
+    ) as response:
+        chunks = response.iter_bytes()
+        first = next(chunks)
+        first_at = time.monotonic() - started
+        rest = b"".join(chunks)
+    assert sim.stalls_started == 1
+    assert time.monotonic() - started >= 0.5 > first_at
+    assert _ids(httpx.Response(200, content=first + rest)) == list(range(1, 301))
