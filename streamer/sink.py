@@ -274,11 +274,15 @@ class EventSink:
         block.append(event)
         batch.size += 1
         if len(block) >= TALLY_BLOCK:
-            batch.fold()
-            # The topic's timestamp limits move with the clock: recomputed now and then.
-            self._ts_refresh -= TALLY_BLOCK
-            if self._ts_refresh <= 0:
-                self._refresh_timestamp_limits()
+            self._tally(batch)
+
+    def _tally(self, batch: Batch) -> None:
+        """Fold the batch's block of events into its counters (at a full block, at confirm)."""
+        self._ts_refresh -= len(batch.block)
+        batch.fold()
+        # The topic's timestamp limits move with the clock: recomputed every so many events.
+        if self._ts_refresh <= 0:
+            self._refresh_timestamp_limits()
 
     def dead_letter(
         self,
@@ -319,7 +323,7 @@ class EventSink:
         the cursor to its store, after the flush.
         """
         self.metrics.in_flight.set(publisher.in_flight)
-        batch.fold()
+        self._tally(batch)
         try:
             for topic, key, value in cursor_messages:
                 publisher.produce(topic, key, value)

@@ -314,3 +314,39 @@ def test_the_fast_path_publishes_what_typing_and_the_encoder_make_with_their_tal
     assert got_usage.by_key == usage.by_key
     assert newest_s == max(m.timestamp_ms for m in events if m.timestamp_ms) / 1000
     assert store.load() == ids[-1]
+
+
+def test_timestamp_limits_follow_the_clock_even_when_batches_are_small(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tallies are kept per block, but the limits are recomputed by events published,
+    however few each checkpoint holds: an event too old by now gets the produce time."""
+    import streamer.sink
+    from streamer.avro import SingleObjectEncoder
+    from streamer.events import RowEncoder
+    from streamer.publisher import TimestampLimits
+    from streamer.sink import TIMESTAMP_SLACK_MS
+
+    row = next(rows([10]))
+    event = RowEncoder().encode(row)
+    assert not isinstance(event, Rejection)
+    hour = 3_600_000
+    now = [event.timestamp_ms + 10 * hour]
+    monkeypatch.setattr(streamer.sink.time, "time", lambda: now[0] / 1000)
+    monkeypatch.setattr(streamer.sink, "_TIMESTAMP_REFRESH_EVERY", 3)
+    publisher, store = FakePublisher(), MemoryCursorStore(0)
+    sink = EventSink(
+        name="main", source="feed", slot=PublisherSlot(lambda: publisher),
+        encoder=SingleObjectEncoder(), topic="events", dead_letter_topic="dead",
+        metrics=Metrics(CollectorRegistry()).for_feed("main"), flush_timeout_s=1.0,
+        timestamp_limits=TimestampLimits(before_max_ms=11 * hour + TIMESTAMP_SLACK_MS),
+    )  # fmt: skip
+    now[0] += 2 * hour  # the CDR of ID 10 is too old for the topic from now on
+    for ids in ([10], [11, 12], [13]):  # small checkpoints: 4 events refresh the limits
+        drive_once(publisher, store, rows(ids), sink=sink).checkpoint()
+    store = MemoryCursorStore(0)
+    drive_once(publisher, store, rows([10]), sink=sink).checkpoint()
+    first, last = publisher.delivered[0], publisher.delivered[-1]
+    assert first.timestamp_ms == event.timestamp_ms  # the limits of the start, at first
+    assert last.timestamp_ms == 0
+    assert ("timestamp_replaced", b"too_old") in last.headers
