@@ -31,7 +31,6 @@ import time
 import tracemalloc
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from datetime import time as time_of_day
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
@@ -39,6 +38,7 @@ from prometheus_client import CollectorRegistry
 
 from streamer.avro import SingleObjectEncoder
 from streamer.cursor import FeedCursor, MemoryCursorStore, PublishedHours
+from streamer.events import Event, event_of
 from streamer.metrics import Metrics
 from streamer.pipeline import Drive, FeedPosition
 from streamer.reconcile import PublishedRecord, Reconciliation, Schedule
@@ -56,15 +56,15 @@ RUNS = 9
 
 @dataclass(slots=True)
 class _Noted:
-    """What `PublishedRecord.add` reads of a CallRecord: its ID and local date and time.
+    """What `PublishedRecord.add` reads of an Event: its ID, local date and hour.
 
     One object, its ID changed per CDR: the week's millions of CDRs cost the noting, not
-    the building of records.
+    the building of events.
     """
 
-    id: int
-    date: date
-    time: time_of_day
+    cdr_id: int
+    day: date
+    hour: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +87,12 @@ def _week(per_hour: int, sparse: bool) -> tuple[list[Day], float, int]:
     snapshot_s = 0.0
     for hour in range(DAYS * 24):
         local = (START + timedelta(hours=hour)).astimezone(ZONE)
-        cdr = _Noted(cdr_id, local.date(), local.time())
+        cdr = _Noted(cdr_id, local.date(), local.hour)
         add = record.add
         for gap in [rng.randint(1, 19) for _ in range(per_hour)] if sparse else [1] * per_hour:
             cdr_id += gap
-            cdr.id = cdr_id
-            add(cast(CallRecord, cdr))
+            cdr.cdr_id = cdr_id
+            add(cast(Event, cdr))
             noted += 1
             if noted % CHECKPOINT_EVERY == 0:
                 record.snapshot()
@@ -190,7 +190,7 @@ def _drive_cpu_s(rows: list[Row], with_record: bool) -> float:
         gc.unfreeze()
 
 
-def _add_cpu_s(records: list[CallRecord]) -> float:
+def _add_cpu_s(records: list[Event]) -> float:
     record = PublishedRecord(Schedule(Reconciliation(), ZONE), 0)
     add = record.add
     gc.collect()
@@ -225,7 +225,7 @@ def run() -> str:
     ):  # fmt: skip
         weeks[label] = _week(per_hour, sparse)
     rows = _rows()
-    records = [r for r in map(to_record, rows) if isinstance(r, CallRecord)]
+    records = [event_of(r, b"") for r in map(to_record, rows) if isinstance(r, CallRecord)]
     adds = [_add_cpu_s(records) for _ in range(RUNS)]
     off, on, offs, ons = _medians(rows)
     lines = [

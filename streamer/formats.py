@@ -78,13 +78,14 @@ import codecs
 import csv
 import io
 import json
+import json.scanner
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 from streamer.errors import BadResponseError
 from streamer.records import FIELDS, MAX_ROW_CHARS, Rejection, Row, row_class
@@ -122,6 +123,8 @@ _JSON_ID = re.compile(r'"ID"[ \t\n\r]*:[ \t\n\r]*"?[ \t]*([0-9]{1,18})[ \t]*[",}
 _BY_LOWER_NAME: dict[str, str] = {name.lower(): name for name in FIELDS}
 _FIELD_SET = frozenset(FIELDS)
 _DECODER = json.JSONDecoder(parse_float=str, parse_int=str, parse_constant=str, strict=False)
+# One JSON value at a position: what _DECODER.raw_decode calls, without its Python wrapper.
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(cast(Any, _DECODER))
 # What a JSON element cut short at the end of the buffer can look like, beyond
 # "Expecting ..." at the very end and "Unterminated string".
 _JSON_LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
@@ -740,6 +743,21 @@ def _json_fallback(raw: str) -> Row | Rejection:
 
 
 def _json_row(element: object, raw: str, encoding: str) -> Row | Rejection:
+    # The usual element: the 26 keys in order, every value a string without a lone
+    # surrogate. Such values are the whole row (a surrogate, from a byte that was not
+    # text or from a \\uD800-\\uDFFF escape, can only be in a value: the keys are the
+    # documented names, and anything outside strings would not have decoded).
+    if type(element) is dict and tuple(element) == FIELDS:
+        try:
+            text = "".join(element.values())  # TypeError unless every value is a string
+        except TypeError:
+            return _json_row_checked(element, raw, encoding)
+        if text.isascii() or not _SURROGATE.search(text):
+            return _ROW_TYPES[encoding](element, raw)
+    return _json_row_checked(element, raw, encoding)
+
+
+def _json_row_checked(element: object, raw: str, encoding: str) -> Row | Rejection:
     if not raw.isascii() and _SURROGATE.search(raw):
         if encoding == "auto":
             return _json_fallback(raw)
@@ -786,7 +804,7 @@ def _skipped(text: _JsonText, reason: str, detail: str, encoding: str) -> Reject
 
 def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Rejection]:
     text = _JsonText(chunks, encoding)
-    decode = _DECODER.raw_decode
+    scan = _SCAN
     first = text.next_char()
     if first is None:
         return
@@ -813,7 +831,10 @@ def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Reject
             )
         try:
             try:
-                element, end = decode(text.buf, text.pos)
+                try:
+                    element, end = scan(text.buf, text.pos)
+                except StopIteration as stop:  # what raw_decode turns into this error
+                    raise json.JSONDecodeError("Expecting value", text.buf, stop.value) from None
             except json.JSONDecodeError as exc:
                 if not _cut_short(exc, text.buf):
                     # A broken element is one rejection; reading resumes after it.
@@ -872,7 +893,8 @@ def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Reject
             text.pos = end
             yield _rejection("row_too_long", _too_long_detail(chars), head, cdr_id, encoding, chars)
         else:
-            raw = text.buf[text.pos : end]
+            buf = text.buf
+            raw = buf[text.pos : end]
             text.pos = end
             if first_element and type(element) is dict and element and not _has_a_field(element):
                 # {"error": ..., "request": {...}}: an error object, often echoing the
@@ -883,6 +905,17 @@ def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Reject
                     reason="not_feed",
                 )
             yield _json_row(element, raw, encoding)
+            # The usual separator, a comma then the next element within this buffer, read
+            # in place; anything else (the end, "]", a comma before "]") the careful way.
+            if buf[end : end + 1] == ",":
+                at = end + 1
+                if buf[at : at + 1] != "{":
+                    at = _JSON_WS.match(buf, at).end()  # type: ignore[union-attr]  # * matches
+                char = buf[at : at + 1]
+                if char and char != "]":
+                    first_element = False
+                    text.pos = at
+                    continue
         first_element = False
         char = text.next_char()
         if char == ",":

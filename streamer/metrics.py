@@ -26,7 +26,7 @@ from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import confluent_kafka
 from prometheus_client import (
@@ -45,9 +45,6 @@ from prometheus_client.registry import Collector
 
 from streamer import __version__
 from streamer.records import REASONS
-
-if TYPE_CHECKING:
-    from streamer.records import CallRecord
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +123,23 @@ def is_call(call_type: str) -> bool:
     return call_type in VOICE_CALL_TYPES
 
 
+class Usage(Protocol):
+    """What the usage KPIs need of a call: a `CallRecord`, or the `events.Event` of one."""
+
+    @property
+    def direction(self) -> str: ...
+    @property
+    def call_type(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def seconds(self) -> int: ...
+    @property
+    def network_seconds(self) -> int: ...
+    @property
+    def charge(self) -> Decimal: ...
+
+
 class UsageTally:
     """Seconds and money of one batch, by (Direction, CallType); added once confirmed.
 
@@ -139,7 +153,25 @@ class UsageTally:
         # (direction, call_type) -> [connected s, billed s, charge, credit]
         self.by_key: dict[tuple[str, str], list[Any]] = {}
 
-    def add(self, record: CallRecord) -> None:
+    def add_all(self, calls: Iterable[Usage]) -> None:
+        """`add` for each of `calls` (a block of events), inlined: once per CDR."""
+        by_key = self.by_key
+        for call in calls:
+            key = (call.direction, call.call_type)
+            usage = by_key.get(key)
+            if usage is None:
+                usage = by_key[key] = [0, 0, _ZERO, _ZERO]
+            if call.call_type in VOICE_CALL_TYPES:
+                if call.status == ANSWERED_STATUS:
+                    usage[0] += call.network_seconds
+                usage[1] += call.seconds
+            charge = call.charge
+            if charge > 0:
+                usage[2] += charge
+            elif charge < 0:
+                usage[3] -= charge
+
+    def add(self, record: Usage) -> None:
         key = (record.direction, record.call_type)
         usage = self.by_key.get(key)
         if usage is None:

@@ -6,8 +6,9 @@ A poll of one feed:
 
 1. Load the committed cursor: every CDR with an ID at or below it is confirmed in Kafka.
 2. Fetch the feed from that cursor; the body is parsed as it arrives.
-3. Each row becomes a record or a rejection (a bad row never stops the page).
-4. Records are encoded to Avro and produced keyed by AccountCode; rejections go to
+3. Each row becomes an event or a rejection (a bad row never stops the page): typed
+   and Avro-encoded in one pass (`events.RowEncoder`; fastavro is its reference).
+4. Events are produced keyed by AccountCode; rejections go to
    the dead-letter topic. Rows at or below the cursor, or repeated, are skipped and counted.
 5. At each checkpoint and at the end: flush and check every delivery report,
    and only then commit the cursor (the highest ID handled so far).
@@ -52,9 +53,10 @@ from streamer.errors import (
     MessagesRejectedError,
     StreamerError,
 )
+from streamer.events import Event
 from streamer.metrics import FeedMetrics
 from streamer.publisher import Publisher, TimestampLimits
-from streamer.records import CallRecord, Rejection, Row, to_record
+from streamer.records import Rejection, Row, parse_date
 from streamer.sink import Batch, Encoder, EventSink, PublisherSlot
 from streamer.sources.feed import FeedClient
 
@@ -167,30 +169,31 @@ class Drive:
         refused = sink.refused
         published = self.published
         note = published.add if published is not None else None
+        encode, publish = sink.rows.encode, sink.publish
+        tail = sink.header_tail(self.headers)  # precomputed: the same for every event
         for row in rows:
             tally.rows += 1
-            # Step 3: type the row; a row that cannot be typed becomes a rejection.
-            item = row if isinstance(row, Rejection) else to_record(row)
-            cdr_id = item.id if isinstance(item, CallRecord) else item.cdr_id
-            if (
-                self.track_days
-                and isinstance(item, CallRecord)
-                and (self.first_day is None or item.date < self.first_day)
-            ):
-                self.first_day = item.date
+            # Step 3: type and encode the row in one pass (events.RowEncoder); a row that
+            # cannot be typed becomes a rejection.
+            item = row if isinstance(row, Rejection) else encode(row)
+            cdr_id = item.cdr_id
+            if self.track_days and isinstance(item, Event) and isinstance(row, Row):
+                day = parse_date(row.values["Date"])  # typed already: it parses
+                if self.first_day is None or day < self.first_day:
+                    self.first_day = day
             skip = position.admit(cdr_id, row.raw)
             if skip is not None:
                 tally.skipped[skip] += 1
-                if note is not None and skip in _PUBLISHED_SKIPS and isinstance(item, CallRecord):
+                if note is not None and skip in _PUBLISHED_SKIPS and isinstance(item, Event):
                     note(item)
                 continue
             # Step 4: produce the event or the dead letter.
-            if isinstance(item, CallRecord) and refused and item.id in refused:
+            if refused and isinstance(item, Event) and item.cdr_id in refused:
                 # Exactly-once replay of a transaction Kafka refused this event in.
                 raw = row.raw if isinstance(row, Row) else ""
-                item = Rejection("kafka_rejected", refused[item.id], raw, item.id)
-            if isinstance(item, CallRecord):
-                sink.publish(publisher, item, self.batch, self.headers, row.raw)
+                item = Rejection("kafka_rejected", refused[item.cdr_id], raw, item.cdr_id)
+            if isinstance(item, Event):
+                publish(publisher, item, self.batch, tail, row.raw)
                 tally.published += 1
                 if note is not None:
                     note(item)

@@ -50,6 +50,11 @@ DEFAULT_PRODUCER_CONFIG: dict[str, str] = {
     "transaction.timeout.ms": "900000",
     "statistics.interval.ms": "15000",  # librdkafka's statistics -> stats_cb -> metrics
 }
+# produce() serves delivery reports (producer.poll) every this many messages, not after
+# each: a poll costs about as much as the produce. Nothing waits on a report between
+# flushes (flush() serves them all and checks every one), and a full queue is served
+# at once (BufferError), so the cursor's guarantee does not depend on this number.
+POLL_EVERY = 500
 # Delivery reports of messages an abort purged: expected, not a failure of the next batch.
 _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 # Errors about a message itself, not about Kafka: the broker would refuse it every
@@ -154,6 +159,7 @@ class Publisher:
         self._fatal: KafkaError | None = None
         self._aborted_badly = False
         self.in_transaction = False
+        self._unserved = 0  # messages produced since delivery reports were last served
         # librdkafka's own log lines go through logging, not straight to stderr.
         self._producer = Producer(settings, logger=_librdkafka_log)
         if transactional_id:
@@ -301,7 +307,10 @@ class Publisher:
                 if refused is not None:
                     raise self._rejected_error(f"produce to {topic}", refused) from exc
                 raise self._error(f"produce to {topic}", exc.args[0]) from exc
-        self._serve(0)
+        self._unserved += 1
+        if self._unserved >= POLL_EVERY:
+            self._unserved = 0
+            self._serve(0)
 
     def _serve(self, timeout_s: float) -> None:
         """producer.poll(), whose errors (librdkafka may raise a fatal one here) become ours."""

@@ -47,10 +47,10 @@ from streamer.cursor import (
     encode_ids,
 )
 from streamer.errors import BadResponseError, FeedUnavailableError
+from streamer.events import Event
 from streamer.metrics import FeedMetrics
 from streamer.pipeline import Commit, Drive
 from streamer.publisher import Publisher
-from streamer.records import CallRecord
 from streamer.sink import EventSink
 from streamer.sources.feed import FeedClient
 
@@ -142,7 +142,7 @@ def windows_ending_between(lo: float, hi: float, zone: ZoneInfo) -> list[tuple[f
 class Notes(Protocol):
     """What the drive loop tells about each CDR it handled (published or dead-lettered)."""
 
-    def add(self, record: CallRecord) -> None: ...
+    def add(self, event: Event) -> None: ...
 
     def add_id(self, cdr_id: int) -> None: ...
 
@@ -208,13 +208,13 @@ class PublishedRecord:
 
     # --- noting what was handled ------------------------------------------------------------
 
-    def add(self, record: CallRecord) -> None:
+    def add(self, event: Event) -> None:
         """Note a CDR handled in its own hour (the hot path)."""
-        if record.time.hour != self._hour or record.date != self._day:
-            self._switch(record.date, record.time.hour)
+        if event.hour != self._hour or event.day != self._day:
+            self._switch(event.day, event.hour)
         current = self._current
         if current is not None:
-            current.ids.add(record.id)
+            current.ids.add(event.cdr_id)
 
     def add_id(self, cdr_id: int, window: Window | None = None, *, fetched: bool = True) -> None:
         """Note an ID whose hour is not known (a dead letter): in `window`, else the newest.
@@ -427,9 +427,9 @@ class _LateNotes:
         self.now = now
         self.lateness: list[float] = []  # of the events produced since the last checkpoint
 
-    def add(self, record: CallRecord) -> None:
-        self.record.add_id(record.id, self.window, fetched=False)
-        self.lateness.append(max(0.0, self.now - record.utc_datetime.timestamp()))
+    def add(self, event: Event) -> None:
+        self.record.add_id(event.cdr_id, self.window, fetched=False)
+        self.lateness.append(max(0.0, self.now - event.timestamp_ms / 1000))
 
     def add_id(self, cdr_id: int) -> None:
         self.record.add_id(cdr_id, self.window, fetched=False)

@@ -8,19 +8,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from operator import attrgetter, itemgetter
 from typing import Protocol
 
-from streamer.avro import timestamp_ms
 from streamer.deadletter import encode_dead_letter
 from streamer.errors import DeliveryError
+from streamer.events import Event, RowTyper, row_encoder
 from streamer.metrics import FeedMetrics, UsageTally
 from streamer.publisher import Publisher, RejectedMessage, TimestampLimits
 from streamer.records import CallRecord, Rejection
 
 log = logging.getLogger(__name__)
+
+
+# Events are tallied into the batch's counters a block at a time (Batch.fold), not one
+# by one: a list append per event, then C-speed counting over the block.
+TALLY_BLOCK = 1024
+_labels_of = attrgetter("status", "direction", "call_type")
+_timestamp_of = itemgetter(2)  # Event.timestamp_ms
 
 
 @dataclass
@@ -32,6 +41,19 @@ class Batch:
     usage: UsageTally = field(default_factory=UsageTally)  # seconds and charges, for the KPIs
     newest_event_ms: int = 0
     size: int = 0
+    # Events produced and not yet tallied above (at most TALLY_BLOCK of them).
+    block: list[Event] = field(default_factory=list)
+
+    def fold(self) -> None:
+        """Tally the block's events into the counters; `confirm` does, before the metrics."""
+        block = self.block
+        if block:
+            self.published.update(map(_labels_of, block))
+            self.usage.add_all(block)
+            newest = max(map(_timestamp_of, block))
+            if newest > self.newest_event_ms:
+                self.newest_event_ms = newest
+            block.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +92,14 @@ def event_id(value: bytes) -> int | None:
     return None
 
 
+def _utc_text(ts: int) -> str:
+    """An epoch-ms instant as ISO 8601 UTC, for log lines (any instant Avro can carry)."""
+    try:
+        return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ts)).isoformat()
+    except OverflowError:
+        return f"{ts} ms since 1970"
+
+
 def _bisect(
     probe: Callable[[list[RejectedMessage]], list[RejectedMessage]],
     messages: list[RejectedMessage],
@@ -86,7 +116,11 @@ def _bisect(
 
 
 class Encoder(Protocol):
-    """CallRecord -> the event's value bytes (single-object Avro, or registry framing)."""
+    """CallRecord -> the event's value bytes (single-object Avro, or registry framing).
+
+    The sink does not call it row by row for the contract schema: `events.row_encoder`
+    gives the fused fast path beside it (the encoder stays the reference and fallback).
+    """
 
     def encode(self, record: CallRecord) -> bytes: ...
 
@@ -153,6 +187,8 @@ class EventSink:
         self.source = source
         self.slot = slot
         self.encoder = encoder
+        # Steps 3 and 4 fused: row -> event (key, Avro value, timestamp) or rejection.
+        self.rows: RowTyper = row_encoder(encoder)
         self.topic = topic
         self.dead_letter_topic = dead_letter_topic
         self.metrics = metrics
@@ -168,17 +204,21 @@ class EventSink:
         # Exactly-once: CDR IDs whose event Kafka refused, with its reason. The replay of
         # the aborted transaction dead-letters them (Drive.run). Bounded; pruned by cursor.
         self.refused: dict[int, str] = {}
-        # The last messages produced, by value (unique: each holds its ID): Kafka's report
-        # of a refused message carries neither headers nor timestamp, and its dead letter
-        # needs the raw row (isolate). Bounded: a report comes back within the producer's
-        # in-flight window, far fewer messages than this in practice.
-        self.recent: dict[bytes, Sent] = {}
+        # The last messages produced, as (value, cdr_id, raw, timestamp, headers): Kafka's
+        # report of a refused message carries neither headers nor timestamp, and its dead
+        # letter needs the raw row (isolate). Bounded: a report comes back within the
+        # producer's in-flight window, far fewer messages than this in practice. Kept as
+        # plain tuples, indexed by value (unique: each holds its ID) only when asked.
+        self.recent: deque[tuple[bytes, int | None, str, int, list[tuple[str, str | bytes | None]]]]
+        self.recent = deque(maxlen=MAX_RECENT_KEPT)
+        self._recent_index: dict[bytes, Sent] = {}
+        self._recent_indexed: object = None  # the newest entry when the index was built
 
-    def _remember(self, value: bytes, sent: Sent) -> None:
-        recent = self.recent
-        recent[value] = sent
-        if len(recent) > MAX_RECENT_KEPT:
-            del recent[next(iter(recent))]
+    def header_tail(
+        self, headers: Sequence[tuple[str, str | bytes | None]] = ()
+    ) -> tuple[tuple[str, str | bytes | None], ...]:
+        """The headers every event of a drive carries after its cdr_id: computed once."""
+        return (*self._headers_base, *headers)
 
     def _refresh_timestamp_limits(self) -> None:
         limits, now_ms = self.timestamp_limits, int(time.time() * 1000)
@@ -191,8 +231,9 @@ class EventSink:
         self._ts_lo, self._ts_hi = lo, hi
         self._ts_refresh = _TIMESTAMP_REFRESH_EVERY
 
-    def _replaced_timestamp(self, record: CallRecord, ts: int) -> str:
+    def _replaced_timestamp(self, event: Event) -> str:
         """Why the call's time cannot be the message timestamp (counted, warned once)."""
+        ts = event.timestamp_ms
         reason = "before_1970" if ts < 0 else "too_old" if ts < self._ts_lo else "in_future"
         self.metrics.timestamp_replaced(reason)
         if not self._warned_timestamp:
@@ -202,43 +243,46 @@ class EventSink:
                 "timestamp (%s): published with the produce time as its timestamp and a "
                 "timestamp_replaced header; further ones are only counted "
                 "(cdr_streamer_timestamps_replaced_total)",
-                self.source, self.name, record.id, record.utc_datetime.isoformat(), reason,
+                self.source, self.name, event.cdr_id, _utc_text(ts), reason,
             )  # fmt: skip
         return reason
 
     def publish(
         self,
         publisher: Publisher,
-        record: CallRecord,
+        event: Event,
         batch: Batch,
-        headers: Sequence[tuple[str, str | bytes | None]] = (),
+        tail: tuple[tuple[str, str | bytes | None], ...],
         raw: str = "",
     ) -> None:
-        """Produce the record's event, keyed by AccountCode, stamped with the call's time."""
-        ts = timestamp_ms(record)
-        self._ts_refresh -= 1
+        """Produce a row's event (`rows.encode`), keyed by AccountCode, at the call's time.
+
+        `tail`: the drive's `header_tail`, after the event's own cdr_id header.
+        """
+        ts = event.timestamp_ms
+        headers: list[tuple[str, str | bytes | None]] = [("cdr_id", b"%d" % event.cdr_id), *tail]
+        if not self._ts_lo <= ts <= self._ts_hi:
+            message_ts = 0  # librdkafka: the produce time
+            headers.append(("timestamp_replaced", self._replaced_timestamp(event).encode()))
+        else:
+            message_ts = ts
+        publisher.produce(
+            self.topic, event.key, event.value, timestamp_ms=message_ts, headers=headers
+        )
+        self.recent.append((event.value, event.cdr_id, raw, message_ts, headers))
+        block = batch.block
+        block.append(event)
+        batch.size += 1
+        if len(block) >= TALLY_BLOCK:
+            self._tally(batch)
+
+    def _tally(self, batch: Batch) -> None:
+        """Fold the batch's block of events into its counters (at a full block, at confirm)."""
+        self._ts_refresh -= len(batch.block)
+        batch.fold()
+        # The topic's timestamp limits move with the clock: recomputed every so many events.
         if self._ts_refresh <= 0:
             self._refresh_timestamp_limits()
-        message_ts = ts
-        all_headers = [("cdr_id", str(record.id).encode()), *self._headers_base, *headers]
-        if not self._ts_lo <= ts <= self._ts_hi:
-            reason = self._replaced_timestamp(record, ts)
-            message_ts = 0  # librdkafka: the produce time
-            all_headers.append(("timestamp_replaced", reason.encode()))
-        value = self.encoder.encode(record)
-        publisher.produce(
-            self.topic,
-            record.account_code.encode("utf-8"),
-            value,
-            timestamp_ms=message_ts,
-            headers=all_headers,
-        )
-        self._remember(value, Sent(record.id, raw, message_ts, all_headers))
-        batch.published[(record.status, record.direction, record.call_type)] += 1
-        batch.usage.add(record)
-        if ts > batch.newest_event_ms:
-            batch.newest_event_ms = ts
-        batch.size += 1
 
     def dead_letter(
         self,
@@ -260,7 +304,7 @@ class EventSink:
             rejection, feed=self.name, source=self.source, fromid=fromid, file=file
         )
         publisher.produce(self.dead_letter_topic, self.name.encode("utf-8"), value, headers=headers)
-        self._remember(value, Sent(None, rejection.raw, 0, headers))
+        self.recent.append((value, None, rejection.raw, 0, headers))
         batch.rejected[rejection.reason] += 1
         batch.size += 1
 
@@ -279,6 +323,7 @@ class EventSink:
         the cursor to its store, after the flush.
         """
         self.metrics.in_flight.set(publisher.in_flight)
+        self._tally(batch)
         try:
             for topic, key, value in cursor_messages:
                 publisher.produce(topic, key, value)
@@ -295,7 +340,11 @@ class EventSink:
 
     def sent(self, message: RejectedMessage) -> Sent:
         """What the sink produced as `message`; rebuilt from its value if no longer held."""
-        sent = self.recent.get(message.value)
+        recent = self.recent
+        if recent and recent[-1] is not self._recent_indexed:  # produced since: index again
+            self._recent_index = {v: Sent(i, r, ts, h) for v, i, r, ts, h in recent}
+            self._recent_indexed = recent[-1]
+        sent = self._recent_index.get(message.value)
         if sent is not None:
             return sent
         if message.topic != self.topic:

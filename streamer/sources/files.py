@@ -11,7 +11,8 @@ hourly or every 20 minutes; the web feed's fields). A poll of one SFTP source:
 3. Read each complete file in name order, streamed in windows of pipelined reads,
    inflated on the way if compressed (`.gz`, `.zip`: `sources/compression.py`),
    parsed by `formats.parse_rows` (format configured, or from the extension beneath
-   any `.gz`) and typed by `records.to_record`; rows already confirmed are skipped.
+   any `.gz`), typed and encoded by `events.RowEncoder` in the drive loop; rows
+   already confirmed are skipped.
 4. Publish through the feed's own `EventSink`: the same Avro events keyed by
    AccountCode, dead letters, headers with source="sftp" (and `file`).
 5. Every `checkpoint_every` rows and at the end of a file: flush and check every

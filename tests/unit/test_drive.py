@@ -269,3 +269,84 @@ def test_a_refused_event_no_longer_held_is_still_dead_lettered(
     dead = [json.loads(m.value) for m in publisher.delivered if m.topic == "dead"]
     assert [(d["id"], d["raw"]) for d in dead] == [(1, "")]
     assert store.load() == 3
+
+
+def test_the_fast_path_publishes_what_typing_and_the_encoder_make_with_their_tallies() -> None:
+    """With the contract's encoder the drive takes `events.RowEncoder`; events, keys,
+    headers and the tallies (counted a block at a time) are the reference path's."""
+    from collections import Counter
+
+    from streamer.avro import SingleObjectEncoder
+    from streamer.events import RowEncoder
+    from streamer.metrics import UsageTally
+    from streamer.records import CallRecord, to_record
+    from streamer.sink import TALLY_BLOCK
+
+    encoder = SingleObjectEncoder()
+    publisher, store = FakePublisher(), MemoryCursorStore(0)
+    sink = make_sink(publisher, encoder)
+    assert isinstance(sink.rows, RowEncoder)
+    confirmed: list[tuple[Any, ...]] = []
+    sink.metrics.confirmed = lambda *args: confirmed.append(args)  # type: ignore[method-assign]
+    ids = list(range(1, 2 * TALLY_BLOCK + 100))
+    position = FeedPosition("main", store.load_state(), store, exactly_once=False,
+                            ascending=False, covered=None)  # fmt: skip
+    drive = Drive(sink, publisher, position, checkpoint_every=10**6,  # type: ignore[arg-type]
+                  headers=[("file", b"x.csv")])  # fmt: skip
+    drive.run(rows(ids))
+    drive.checkpoint()
+    records = [to_record(row) for row in rows(ids)]
+    assert all(isinstance(r, CallRecord) for r in records)
+    events = [m for m in publisher.delivered if m.topic == "events"]
+    assert [(m.key, m.value) for m in events] == [
+        (r.account_code.encode(), encoder.encode(r)) for r in records  # type: ignore[union-attr]
+    ]
+    assert events[0].headers[:4] == [
+        ("cdr_id", b"1"), ("source", b"feed"), ("feed", b"main"), ("file", b"x.csv")
+    ]
+    usage = UsageTally()
+    for r in records:
+        usage.add(r)  # type: ignore[arg-type]
+    published = Counter((r.status, r.direction, r.call_type) for r in records)  # type: ignore[union-attr]
+    [(got_published, got_rejected, newest_s, got_usage)] = confirmed
+    assert not got_rejected
+    assert got_published == published
+    assert got_usage.by_key == usage.by_key
+    assert newest_s == max(m.timestamp_ms for m in events if m.timestamp_ms) / 1000
+    assert store.load() == ids[-1]
+
+
+def test_timestamp_limits_follow_the_clock_even_when_batches_are_small(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tallies are kept per block, but the limits are recomputed by events published,
+    however few each checkpoint holds: an event too old by now gets the produce time."""
+    import streamer.sink
+    from streamer.avro import SingleObjectEncoder
+    from streamer.events import RowEncoder
+    from streamer.publisher import TimestampLimits
+    from streamer.sink import TIMESTAMP_SLACK_MS
+
+    row = next(rows([10]))
+    event = RowEncoder().encode(row)
+    assert not isinstance(event, Rejection)
+    hour = 3_600_000
+    now = [event.timestamp_ms + 10 * hour]
+    monkeypatch.setattr(streamer.sink.time, "time", lambda: now[0] / 1000)
+    monkeypatch.setattr(streamer.sink, "_TIMESTAMP_REFRESH_EVERY", 3)
+    publisher, store = FakePublisher(), MemoryCursorStore(0)
+    sink = EventSink(
+        name="main", source="feed", slot=PublisherSlot(lambda: publisher),
+        encoder=SingleObjectEncoder(), topic="events", dead_letter_topic="dead",
+        metrics=Metrics(CollectorRegistry()).for_feed("main"), flush_timeout_s=1.0,
+        timestamp_limits=TimestampLimits(before_max_ms=11 * hour + TIMESTAMP_SLACK_MS),
+    )  # fmt: skip
+    now[0] += 2 * hour  # the CDR of ID 10 is too old for the topic from now on
+    for ids in ([10], [11, 12], [13]):  # small checkpoints: 4 events refresh the limits
+        drive_once(publisher, store, rows(ids), sink=sink).checkpoint()
+    store = MemoryCursorStore(0)
+    drive_once(publisher, store, rows([10]), sink=sink).checkpoint()
+    first, last = publisher.delivered[0], publisher.delivered[-1]
+    assert first.timestamp_ms == event.timestamp_ms  # the limits of the start, at first
+    assert last.timestamp_ms == 0
+    assert ("timestamp_replaced", b"too_old") in last.headers

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from streamer.errors import DeliveryError
-from streamer.publisher import Publisher, RejectedMessage, producer_config
+from streamer.publisher import POLL_EVERY, Publisher, RejectedMessage, producer_config
 
 
 def mock_config() -> dict[str, str]:
@@ -24,6 +26,45 @@ def test_flush_confirms_every_message() -> None:
         assert publisher.failed == 0
         assert publisher.in_flight == 0
     finally:
+        publisher.close()
+
+
+class _PollCounter:
+    """The librdkafka producer, counting the polls made on it."""
+
+    def __init__(self, producer: Any) -> None:
+        self._producer = producer
+        self.polls = 0
+
+    def poll(self, timeout: float) -> int:
+        self.polls += 1
+        return int(self._producer.poll(timeout))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+    def __len__(self) -> int:
+        return len(self._producer)
+
+
+@pytest.mark.parametrize("transactional", [False, True])
+def test_delivery_reports_are_served_every_poll_every_messages_and_all_before_flush_returns(
+    transactional: bool,
+) -> None:
+    tid = "mock-poll" if transactional else None
+    publisher = Publisher(mock_config(), transactional_id=tid, init_timeout_s=30)
+    counter = _PollCounter(publisher._producer)
+    publisher._producer = counter  # type: ignore[assignment]
+    try:
+        n = 2 * POLL_EVERY + 3
+        for i in range(n):
+            publisher.produce("events", b"k", f"v{i}".encode())
+        assert counter.polls == 2  # not one per message
+        publisher.flush(30)
+        assert publisher.delivered == n  # every report served and checked by the flush
+        assert publisher.in_flight == 0
+    finally:
+        publisher._producer = counter._producer
         publisher.close()
 
 

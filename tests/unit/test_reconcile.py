@@ -37,6 +37,7 @@ from streamer.cursor import (
     encode_ids,
 )
 from streamer.errors import EventsRejectedError
+from streamer.events import Event, event_of
 from streamer.metrics import Metrics
 from streamer.pipeline import FeedPipeline
 from streamer.reconcile import (
@@ -66,11 +67,12 @@ def utc(*args: int) -> float:
     return datetime(*args, tzinfo=UTC).timestamp()  # type: ignore[misc]
 
 
-def record_of(cdr_id: int) -> CallRecord:
+def record_of(cdr_id: int) -> Event:
+    """The event of the generator's CDR `cdr_id` (what the drive loop notes)."""
     values = GENERATOR.row(cdr_id)
     item = to_record(Row(dict(zip(FIELDS, values.values(), strict=True)), ""))
     assert isinstance(item, CallRecord)
-    return item
+    return event_of(item, b"")
 
 
 class Clock:
