@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -30,6 +30,9 @@ from confluent_kafka import (
 )
 
 from streamer.errors import ConfigError, DeliveryError, TopicError
+
+if TYPE_CHECKING:
+    from streamer.cursor_table import CursorTable
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,10 +211,14 @@ class KafkaCursorStore:
         initial: int = 0,
         client_config: Mapping[str, str] | None = None,
         timeout_s: float = 60.0,
+        table: CursorTable | None = None,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.feed = feed
+        # The process's reader of the cursor topic: a load asks it by key instead of
+        # reading the whole topic (streamer/cursor_table.py).
+        self.table = table
         self.initial = initial
         self._client_config = dict(client_config or {})
         self.timeout_s = timeout_s
@@ -252,9 +259,12 @@ class KafkaCursorStore:
         self._state = state
 
     def _read(self) -> FeedCursor:
-        value = _read_latest(
-            self.bootstrap_servers, self._client_config, self.topic, self.feed, self.timeout_s
-        )
+        if self.table is not None:
+            value = self.table.latest(self.feed, self.timeout_s)
+        else:
+            value = _read_latest(
+                self.bootstrap_servers, self._client_config, self.topic, self.feed, self.timeout_s
+            )
         if value is None:
             return FeedCursor(self.initial)
         try:
@@ -419,10 +429,12 @@ class JsonKafkaCursorStore:
         *,
         client_config: Mapping[str, str] | None = None,
         timeout_s: float = 60.0,
+        table: CursorTable | None = None,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.owner = owner
+        self.table = table  # as KafkaCursorStore's
         self._client_config = dict(client_config or {})
         self.timeout_s = timeout_s
         self._loaded = False
@@ -434,9 +446,13 @@ class JsonKafkaCursorStore:
 
     def load(self) -> dict[str, Any] | None:
         if not self._loaded:
-            raw = _read_latest(
-                self.bootstrap_servers, self._client_config, self.topic, self.owner, self.timeout_s
-            )
+            if self.table is not None:
+                raw = self.table.latest(self.owner, self.timeout_s)
+            else:
+                raw = _read_latest(
+                    self.bootstrap_servers, self._client_config, self.topic, self.owner,
+                    self.timeout_s,
+                )  # fmt: skip
             where = f"cursor topic {self.topic}"
             self._value = None if raw is None else _parse_document(raw, self.owner, where)
             self._loaded = True
