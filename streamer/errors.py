@@ -9,6 +9,7 @@
     |   +-- FencedError               another instance took over our transactional id
     |   +-- RegistryError             the schema registry refused our credentials or schema
     |   +-- HostKeyError              the SFTP server's host key is unknown or does not match
+    |   +-- ClusterError              the replica cannot take part in its cluster's consumer group
     +-- RetriableError                back off, leave the cursor where it is, try again
         +-- FeedUnavailableError      connection trouble, timeout, 5xx, 429
         +-- BadResponseError          a body that is not a feed response (HTML, truncated...)
@@ -17,6 +18,7 @@
         +-- EventsRejectedError       some events of a transaction were refused: replay it
         +-- RegistryUnavailableError  the schema registry is unreachable, 5xx or 429
         +-- SftpUnavailableError      the SFTP server is unreachable, times out or drops us
+        +-- StoppedError              asked to stop mid-poll (a handover): its batch not committed
 
 A single bad *row* is not an exception: it becomes a `records.Rejection`, goes to
 the dead-letter topic and is counted (the "skippable" class of errors).
@@ -61,6 +63,10 @@ class RegistryError(FatalError):
 
 class HostKeyError(FatalError):
     """The SFTP server's host key is not in known_hosts, or differs from the one there."""
+
+
+class ClusterError(FatalError):
+    """The replica cannot join or stay in its cluster's consumer group (e.g. not authorised)."""
 
 
 class RetriableError(StreamerError):
@@ -129,3 +135,11 @@ class SftpUnavailableError(RetriableError):
     def __init__(self, message: str, *, kind: str = "connection_error") -> None:
         super().__init__(message)
         self.kind = kind  # bounded metric label: connection_error, timeout
+
+
+class StoppedError(RetriableError):
+    """A unit was asked to stop mid-poll (its work moves to another replica, or a shutdown).
+
+    The open batch is abandoned like any failed one: its transaction aborted, its
+    cursor not committed; the next owner resumes from the last checkpoint. Not a failure.
+    """

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Sequence
@@ -49,6 +50,7 @@ from streamer.errors import (
     EventsRejectedError,
     FeedUnavailableError,
     MessagesRejectedError,
+    StoppedError,
     StreamerError,
 )
 from streamer.metrics import FeedMetrics
@@ -124,6 +126,7 @@ class Drive:
         file: str | None = None,
         on_checkpoint: Callable[[], None] | None = None,
         progress: Callable[[Tally], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.sink = sink
         self.publisher = publisher
@@ -134,6 +137,9 @@ class Drive:
         self.file = file
         self.on_checkpoint = on_checkpoint
         self.progress = progress
+        # Set (cluster mode: the unit moves to another replica): the poll is abandoned at
+        # the next row, its open batch not committed (StoppedError), whatever its length.
+        self.stop = stop
         self.batch = Batch()
         self.tally = Tally()
         # The earliest local date of the rows handled, when asked (`track_days`): where a
@@ -155,7 +161,13 @@ class Drive:
     def _run(self, rows: Iterable[Row | Rejection], next_progress: float) -> None:
         sink, publisher, position, tally = self.sink, self.publisher, self.position, self.tally
         refused = sink.refused
+        stopping = self.stop.is_set if self.stop is not None else None
         for row in rows:
+            if stopping is not None and stopping():
+                raise StoppedError(
+                    f"stopped after {tally.rows} rows; the batch since the last checkpoint "
+                    "is not committed"
+                )
             tally.rows += 1
             # Step 3: type the row; a row that cannot be typed becomes a rejection.
             item = row if isinstance(row, Rejection) else to_record(row)
@@ -421,6 +433,7 @@ class FeedPipeline:
         covered_by: Callable[[], Container[int]] | None = None,
         timestamp_limits: TimestampLimits | None = None,
         timezone: str = "Pacific/Auckland",
+        stop: threading.Event | None = None,
     ) -> None:
         if exactly_once and not is_transactional_store(cursor_store):
             raise TypeError("exactly-once needs a cursor store that can join a transaction")
@@ -442,6 +455,7 @@ class FeedPipeline:
         self.exactly_once = exactly_once
         self.ids_ascending = ids_ascending
         self.covered_by = covered_by
+        self.stop = stop  # set: a poll stops at its next row (Drive.stop)
         self.last_cursor: int | None = None  # the last committed; for log lines only
         self.timezone = ZoneInfo(timezone)
         self._first_day: date | None = None  # of the rows seen before the last break
@@ -486,7 +500,8 @@ class FeedPipeline:
         try:
             self._poll(publisher, start, covered, result, started)
         except BaseException as exc:
-            self._count_failure(fromid, exc)
+            if not isinstance(exc, StoppedError):
+                self._count_failure(fromid, exc)
             self.sink.recover(publisher, exc)
             forget = getattr(self.cursor_store, "forget", None)
             if self.exactly_once and forget is not None:
@@ -564,7 +579,7 @@ class FeedPipeline:
         drive = Drive(
             self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
             fromid=fromid, on_checkpoint=checkpointed,
-            progress=partial(self._log_progress, position, started),
+            progress=partial(self._log_progress, position, started), stop=self.stop,
         )  # fmt: skip
         drive.track_days = self._same_failures > 0  # a break may recur: note where it starts
         try:
@@ -608,7 +623,7 @@ class FeedPipeline:
         )  # fmt: skip
         drive = Drive(
             self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
-            fromid=start.cursor,
+            fromid=start.cursor, stop=self.stop,
         )  # fmt: skip
         window = replace(self.client.query, date=day, hour=hour)
         try:

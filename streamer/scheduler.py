@@ -11,9 +11,9 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from streamer.errors import FatalError, RetriableError, StreamerError
+from streamer.errors import FatalError, FencedError, RetriableError, StoppedError, StreamerError
 from streamer.metrics import FeedMetrics
 from streamer.pipeline import FeedPipeline
 from streamer.retry import Backoff
@@ -33,6 +33,9 @@ class Runner(ABC):
         self.backoff = backoff
         self.error: Exception | None = None
         self._failures = 0
+        # Cluster mode: being fenced means another replica took this unit over (a
+        # handover, not an outage); this is told, and the runner ends without an error.
+        self.on_fenced: Callable[[FencedError], None] | None = None
 
     @abstractmethod
     def _poll(self, *, once: bool) -> float | None:
@@ -54,7 +57,15 @@ class Runner(ABC):
         label = f"{self.kind} {self.name}"
         try:
             delay = self._poll(once=once)
+        except StoppedError as exc:
+            # Cluster mode: the unit moves to another replica. Not a failure.
+            log.info("%s: asked to stop mid-poll, %s; %s", label, exc, self._position())
+            return None
         except FatalError as exc:
+            if isinstance(exc, FencedError) and self.on_fenced is not None:
+                log.info("%s: handed over: another replica fenced this one (%s)", label, exc)
+                self.on_fenced(exc)
+                return None
             log.error("%s stopped: %s", label, exc)
             self.metrics.poll_error(type(exc).__name__)
             self.metrics.feed_up.set(0)
