@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry
 
+from streamer import cluster
 from streamer.avro import make_encoder
 from streamer.config import FeedSettings, Settings, SftpSettings, is_loopback_url
 from streamer.cursor import (
@@ -28,9 +30,10 @@ from streamer.cursor import (
     KafkaCursorStore,
     MemoryCursorStore,
 )
+from streamer.cursor_table import CursorTable
 from streamer.errors import ConfigError
 from streamer.health import HealthServer, KafkaCheck, Readiness
-from streamer.metrics import FeedMetrics, Metrics, SftpMetrics
+from streamer.metrics import ClusterMetrics, FeedMetrics, Metrics, SftpMetrics, forget_feed
 from streamer.pipeline import FeedPipeline
 from streamer.publisher import (
     Publisher,
@@ -74,12 +77,14 @@ def _provision(settings: Settings) -> TimestampLimits:
     return timestamp_limits(admin, k.topic)
 
 
-def _cursor_store(settings: Settings, feed: FeedSettings) -> CursorStore:
+def _cursor_store(
+    settings: Settings, feed: FeedSettings, table: CursorTable | None = None
+) -> CursorStore:
     k = settings.kafka
     if k.cursor_store == "kafka":
         return KafkaCursorStore(
             k.bootstrap_servers, k.cursor_topic, feed.name,
-            initial=feed.initial_cursor, client_config=k.producer,
+            initial=feed.initial_cursor, client_config=k.producer, table=table,
         )  # fmt: skip
     return FileCursorStore(Path(feed.cursor_file), feed.name, feed.initial_cursor)
 
@@ -135,6 +140,7 @@ def _build_pipeline(
     cursor_store: CursorStore,
     exactly_once: bool,
     limits: TimestampLimits,
+    abort_on_stop: bool = False,
 ) -> FeedPipeline:
     feed_metrics = metrics.for_feed(feed.name, poll_interval_s=feed.poll_interval_s)
     client = FeedClient(
@@ -167,14 +173,21 @@ def _build_pipeline(
         ids_ascending=feed.ids_ascending,
         timestamp_limits=limits,
         timezone=feed.timezone,
+        stop=stop if abort_on_stop else None,
     )
 
 
 def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner]:
     """Run every unit of work until `stop` (or, with `once`, until each has nothing more).
 
-    Returns the runners, whose `error` says which stopped on a fatal error.
+    Returns the runners, whose `error` says which stopped on a fatal error. In cluster
+    mode the units this replica runs come and go: none are returned.
     """
+    if settings.cluster.enabled and once:
+        raise ConfigError(
+            "--once runs every feed in this process to its end; it does not go with cluster "
+            "mode ([cluster] group_id): run it with a configuration without [cluster]"
+        )
     limits = _provision(settings)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
@@ -182,10 +195,13 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
     health: HealthServer | None = None
     if settings.metrics.port:
         health = _start_health_server(settings, metrics)
-    exactly_once = settings.kafka.delivery == "exactly_once"
-    # A feed and the SFTP source paired with it take turns in one thread (sources/sftp.py).
-    units: list[Unit] = []
-    paired = {s.pairs_with_feed: s for s in settings.sftp if s.pairs_with_feed}
+    k = settings.kafka
+    # One reader of the cursor topic for the whole process (streamer/cursor_table.py).
+    table = (
+        CursorTable(k.bootstrap_servers, k.cursor_topic, k.producer)
+        if k.cursor_store == "kafka"
+        else None
+    )
     for feed in settings.feeds:
         if feed.poll_interval_s < 600 and not is_loopback_url(feed.url):
             log.warning(
@@ -193,46 +209,22 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
                 feed.name,
                 feed.poll_interval_s,
             )
-        pipeline = _build_pipeline(
-            settings,
-            feed,
-            metrics,
-            stop,
-            query=FeedQuery(
-                format=feed.format, callsonly=feed.callsonly, servicesonly=feed.servicesonly
-            ),
-            cursor_store=_cursor_store(settings, feed),
-            exactly_once=exactly_once,
-            limits=limits,
-        )
-        runner = FeedRunner(
-            pipeline,
-            poll_interval_s=feed.poll_interval_s,
-            poll_jitter_ratio=feed.poll_jitter_ratio,
-            page_size=feed.page_size,
-            backoff=Backoff(feed.backoff_base_s, feed.backoff_max_s),
-        )
-        group: list[Runner] = [runner]
-        # The cursor is read by the first poll: in exactly-once mode only after the
-        # transactional producer has fenced any older instance.
-        log.info(
-            "feed %s: polling %s as %s every %g s, %s, cursor in %r",
-            feed.name, feed.url, feed.login, feed.poll_interval_s,
-            settings.kafka.delivery.replace("_", "-"), pipeline.cursor_store,
-        )  # fmt: skip
-        source = paired.get(feed.name)
-        if source is not None and sftp_metrics is not None:
-            collector = _build_sftp(
-                settings, source, metrics, sftp_metrics, stop, limits=limits,
-                slot=pipeline.slot, feed_cursor=pipeline.cursor_store.load,
-            )  # fmt: skip
-            pipeline.covered_by = collector.published_ids
-            group.append(_sftp_runner(collector, source))
-        units.append(Unit(f"feed-{feed.name}", group))
-    for source in settings.sftp:
-        if not source.pairs_with_feed and sftp_metrics is not None:
-            collector = _build_sftp(settings, source, metrics, sftp_metrics, stop, limits=limits)
-            units.append(Unit(f"sftp-{source.name}", [_sftp_runner(collector, source)]))
+    specs = _unit_specs(settings, metrics, sftp_metrics, limits=limits, table=table)
+    try:
+        if settings.cluster.enabled:
+            _run_cluster(settings, specs, registry, metrics, sftp_metrics, stop)
+            return []
+        units = [Unit(spec.name, list(spec.build(stop))) for spec in specs]
+        return _run_units(units, stop, once=once)
+    finally:
+        if table is not None:
+            table.close()
+        if health is not None:
+            health.stop()
+
+
+def _run_units(units: list[Unit], stop: threading.Event, *, once: bool) -> list[Runner]:
+    """Every unit in a thread of its own, until each ends."""
     threads: list[threading.Thread] = []
     for unit in units:
         thread = threading.Thread(
@@ -250,17 +242,166 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
     runners = [member for unit in units for member in unit.runners]
     for member in runners:
         member.close()
-    if health is not None:
-        health.stop()
     return runners
 
 
-def _sftp_cursor_store(settings: Settings, source: SftpSettings) -> JsonCursorStore:
+def _unit_specs(
+    settings: Settings,
+    metrics: Metrics,
+    sftp_metrics: SftpMetrics | None,
+    *,
+    limits: TimestampLimits,
+    table: CursorTable | None,
+) -> list[cluster.UnitSpec]:
+    """Each unit of work as a recipe: built once (single process) or at each assignment."""
+    clustered = settings.cluster.enabled
+    paired = {s.pairs_with_feed: s for s in settings.sftp if s.pairs_with_feed}
+    specs: list[cluster.UnitSpec] = []
+    for feed in settings.feeds:
+        source = paired.get(feed.name) if sftp_metrics is not None else None
+        build = partial(
+            _feed_unit, settings, feed, source, metrics, sftp_metrics,
+            limits=limits, table=table, abort_on_stop=clustered,
+        )  # fmt: skip
+        series = (feed.name,) if source is None else (feed.name, source.name)
+        specs.append(cluster.UnitSpec(f"feed-{feed.name}", build, series))
+    for source in settings.sftp:
+        if not source.pairs_with_feed and sftp_metrics is not None:
+            build = partial(
+                _sftp_unit, settings, source, metrics, sftp_metrics,
+                limits=limits, table=table, abort_on_stop=clustered,
+            )  # fmt: skip
+            specs.append(cluster.UnitSpec(f"sftp-{source.name}", build, (source.name,)))
+    return specs
+
+
+def _feed_unit(
+    settings: Settings,
+    feed: FeedSettings,
+    source: SftpSettings | None,
+    metrics: Metrics,
+    sftp_metrics: SftpMetrics | None,
+    stop: threading.Event,
+    *,
+    limits: TimestampLimits,
+    table: CursorTable | None,
+    abort_on_stop: bool,
+) -> list[Runner]:
+    """A feed and the SFTP source paired with it: they take turns in one thread."""
+    pipeline = _build_pipeline(
+        settings,
+        feed,
+        metrics,
+        stop,
+        query=FeedQuery(
+            format=feed.format, callsonly=feed.callsonly, servicesonly=feed.servicesonly
+        ),
+        cursor_store=_cursor_store(settings, feed, table),
+        exactly_once=settings.kafka.delivery == "exactly_once",
+        limits=limits,
+        abort_on_stop=abort_on_stop,
+    )
+    runner = FeedRunner(
+        pipeline,
+        poll_interval_s=feed.poll_interval_s,
+        poll_jitter_ratio=feed.poll_jitter_ratio,
+        page_size=feed.page_size,
+        backoff=Backoff(feed.backoff_base_s, feed.backoff_max_s),
+    )
+    group: list[Runner] = [runner]
+    # The cursor is read by the first poll: in exactly-once mode only after the
+    # transactional producer has fenced any older instance.
+    log.info(
+        "feed %s: polling %s as %s every %g s, %s, cursor in %r",
+        feed.name, feed.url, feed.login, feed.poll_interval_s,
+        settings.kafka.delivery.replace("_", "-"), pipeline.cursor_store,
+    )  # fmt: skip
+    if source is not None and sftp_metrics is not None:
+        collector = _build_sftp(
+            settings, source, metrics, sftp_metrics, stop, limits=limits,
+            slot=pipeline.slot, feed_cursor=pipeline.cursor_store.load, table=table,
+            abort_on_stop=abort_on_stop,
+        )  # fmt: skip
+        pipeline.covered_by = collector.published_ids
+        group.append(_sftp_runner(collector, source))
+    return group
+
+
+def _sftp_unit(
+    settings: Settings,
+    source: SftpSettings,
+    metrics: Metrics,
+    sftp_metrics: SftpMetrics,
+    stop: threading.Event,
+    *,
+    limits: TimestampLimits,
+    table: CursorTable | None,
+    abort_on_stop: bool,
+) -> list[Runner]:
+    """An SFTP source on its own."""
+    collector = _build_sftp(
+        settings, source, metrics, sftp_metrics, stop, limits=limits, table=table,
+        abort_on_stop=abort_on_stop,
+    )  # fmt: skip
+    return [_sftp_runner(collector, source)]
+
+
+def _run_cluster(
+    settings: Settings,
+    specs: list[cluster.UnitSpec],
+    registry: CollectorRegistry,
+    metrics: Metrics,
+    sftp_metrics: SftpMetrics | None,
+    stop: threading.Event,
+) -> None:
+    """Cluster mode: run the units the consumer group assigns to this replica, until `stop`."""
+    k, c = settings.kafka, settings.cluster
+    specs = sorted(specs, key=lambda spec: spec.name)  # partition i runs the i-th unit
+    names = [spec.name for spec in specs]
+    fingerprint = cluster.fingerprint(
+        names, k.topic, k.cursor_topic, k.delivery, k.transactional_id_prefix
+    )
+    admin = AdminClient({**k.producer, "bootstrap.servers": k.bootstrap_servers})
+    cluster.provision_assignment_topic(
+        admin, c.topic, len(specs), replication_factor=k.replication_factor,
+        min_insync_replicas=k.min_insync_replicas,
+    )  # fmt: skip
+    cluster_metrics = ClusterMetrics(
+        registry, group=c.group_id, units=len(specs), fingerprint=fingerprint
+    )
+
+    def forget(series: Sequence[str]) -> None:
+        for name in series:
+            forget_feed(metrics, name, sftp_metrics)
+
+    host = cluster.UnitHost(
+        specs, cluster_metrics, forget=forget, handover_timeout_s=c.handover_timeout_s,
+        restart_fenced_after_s=c.session_timeout_s,
+    )  # fmt: skip
+    membership = cluster.Membership(
+        host, cluster_metrics, bootstrap_servers=k.bootstrap_servers, client_config=k.producer,
+        group_id=c.group_id, topic=c.topic, units=names, fingerprint=fingerprint,
+        session_timeout_s=c.session_timeout_s, heartbeat_interval_s=c.heartbeat_interval_s,
+        handover_timeout_s=c.handover_timeout_s,
+    )  # fmt: skip
+    thread = threading.Thread(
+        target=membership.run, args=(stop,), name="cluster-membership", daemon=True
+    )
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if membership.error is not None:
+        raise membership.error
+
+
+def _sftp_cursor_store(
+    settings: Settings, source: SftpSettings, table: CursorTable | None = None
+) -> JsonCursorStore:
     k = settings.kafka
     owner = f"sftp:{source.name}"
     if k.cursor_store == "kafka":
         return JsonKafkaCursorStore(
-            k.bootstrap_servers, k.cursor_topic, owner, client_config=k.producer
+            k.bootstrap_servers, k.cursor_topic, owner, client_config=k.producer, table=table
         )
     return JsonFileCursorStore(Path(source.cursor_file), owner)
 
@@ -275,6 +416,8 @@ def _build_sftp(
     limits: TimestampLimits,
     slot: PublisherSlot | None = None,
     feed_cursor: Callable[[], int] | None = None,
+    table: CursorTable | None = None,
+    abort_on_stop: bool = False,
 ) -> FileCollector:
     """One SFTP source; paired, it shares its feed's producer (`slot`) and reads its cursor."""
     k = settings.kafka
@@ -297,7 +440,7 @@ def _build_sftp(
         connect_timeout_s=source.connect_timeout_s,
         read_timeout_s=source.read_timeout_s,
     )
-    store = _sftp_cursor_store(settings, source)
+    store = _sftp_cursor_store(settings, source, table)
     log.info(
         "sftp %s: listing %s:%s on %s:%d as %s every %g s, %s%s, cursor in %r",
         source.name, source.directory, source.pattern, source.host, source.port, source.user,
@@ -330,6 +473,7 @@ def _build_sftp(
         exactly_once=exactly_once,
         feed_cursor=feed_cursor,
         stop=stop,
+        abort_on_stop=abort_on_stop,
     )
 
 

@@ -163,6 +163,33 @@ class SftpSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """Cluster mode: replicas of one config share its units of work through a consumer group.
+
+    Off while `group_id` is empty. Every replica must run the same configuration.
+    """
+
+    group_id: str = ""
+    assignment_topic: str = ""  # "": "<group_id>-assignment"
+    # A replica that stops heartbeating for this long loses its units to the others
+    # (the broker's group.min.session.timeout.ms, 6 s by default, is the floor).
+    session_timeout_s: float = 45.0
+    heartbeat_interval_s: float = 3.0
+    # How long a revoked unit gets to abort its poll and stop before its work is
+    # released to the next owner anyway (exactly-once: which then fences it).
+    handover_timeout_s: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.group_id)
+
+    @property
+    def topic(self) -> str:
+        """The assignment topic: one partition per unit of work."""
+        return self.assignment_topic or f"{self.group_id}-assignment"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything `cdr-streamer run` needs, checked before anything starts."""
 
@@ -170,6 +197,7 @@ class Settings:
     feeds: tuple[FeedSettings, ...]
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     sftp: tuple[SftpSettings, ...] = ()
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
 
 def is_loopback_url(url: str) -> bool:
@@ -271,8 +299,10 @@ def parse_settings(
     env = os.environ if env is None else env
     problems = _Problems()
     for key in data:
-        if key not in {"kafka", "feeds", "metrics", "sftp"}:
-            problems.add(key, "unknown section (known: kafka, feeds, sftp, metrics)")
+        if key not in {"kafka", "feeds", "metrics", "sftp", "cluster"}:
+            problems.add(key, "unknown section (known: kafka, feeds, sftp, metrics, cluster)")
+    cluster_args = _take(data.get("cluster", {}), ClusterSettings, "cluster", problems, set())
+    clustered = bool(cluster_args.get("group_id"))
 
     kafka_table = dict(data.get("kafka", {}))
     servers = (
@@ -296,8 +326,16 @@ def parse_settings(
             "exactly_once keeps the cursor in Kafka, inside each transaction: "
             "remove cursor_store or set it to 'kafka'",
         )
+    elif clustered and store == "file":
+        problems.add(
+            "kafka.cursor_store",
+            "cluster mode ([cluster] group_id) moves feeds between replicas, so every "
+            "replica must read every cursor: remove cursor_store or set it to 'kafka'",
+        )
     elif not store:
-        kafka_args["cursor_store"] = "kafka" if delivery == "exactly_once" else "file"
+        kafka_args["cursor_store"] = (
+            "kafka" if delivery == "exactly_once" or clustered else "file"
+        )
     producer = kafka_args.get("producer", {})
     if not isinstance(producer, Mapping):
         problems.add("kafka.producer", "must be a table of librdkafka settings")
@@ -331,13 +369,32 @@ def parse_settings(
 
     sftp = _sftp_sources(data.get("sftp", []), feed_tables, names, env, problems)
     metrics_args = _take(data.get("metrics", {}), MetricsSettings, "metrics", problems, set())
+    _check_cluster(cluster_args, problems)
     problems.raise_if_any(source)
     return Settings(
         kafka=KafkaSettings(bootstrap_servers=str(servers), **kafka_args),
         feeds=tuple(feeds),
         metrics=MetricsSettings(**metrics_args),
         sftp=tuple(sftp),
+        cluster=ClusterSettings(**cluster_args),
     )
+
+
+def _check_cluster(args: Mapping[str, Any], problems: _Problems) -> None:
+    if not args:
+        return
+    if not args.get("group_id"):
+        problems.add("cluster.group_id", "is required in a [cluster] section (or remove it)")
+    session = float(args.get("session_timeout_s", 45.0))
+    heartbeat = float(args.get("heartbeat_interval_s", 3.0))
+    if session < 1:
+        problems.add("cluster.session_timeout_s", "must be at least 1 s (brokers ask for 6 s)")
+    if not 0 < heartbeat < session:
+        problems.add(
+            "cluster.heartbeat_interval_s",
+            f"must be above 0 and below session_timeout_s ({session:g} s); a third of it "
+            "or less is usual",
+        )
 
 
 _SFTP_SECRET_KEYS = {
