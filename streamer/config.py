@@ -369,7 +369,8 @@ def parse_settings(
 
     sftp = _sftp_sources(data.get("sftp", []), feed_tables, names, env, problems)
     metrics_args = _take(data.get("metrics", {}), MetricsSettings, "metrics", problems, set())
-    _check_cluster(cluster_args, problems)
+    if "cluster" in data:
+        _check_cluster(cluster_args, problems)
     problems.raise_if_any(source)
     return Settings(
         kafka=KafkaSettings(bootstrap_servers=str(servers), **kafka_args),
@@ -381,8 +382,6 @@ def parse_settings(
 
 
 def _check_cluster(args: Mapping[str, Any], problems: _Problems) -> None:
-    if not args:
-        return
     if not args.get("group_id"):
         problems.add("cluster.group_id", "is required in a [cluster] section (or remove it)")
     session = float(args.get("session_timeout_s", 45.0))

@@ -236,3 +236,28 @@ def test_a_call_before_1970_gets_the_produce_time_and_a_header() -> None:
     assert ("timestamp_replaced", b"before_1970") in by_id[5].headers
     assert all(h[0] != "timestamp_replaced" for h in by_id[4].headers)
     assert by_id[4].timestamp_ms > 0
+
+
+def test_a_stop_mid_response_abandons_the_batch_since_the_last_checkpoint() -> None:
+    import threading
+
+    from streamer.errors import StoppedError
+
+    publisher, store = FakePublisher(), MemoryCursorStore(0)
+    stop = threading.Event()
+
+    def stopping_after(n: int, ids: list[int]) -> Iterator[Row]:
+        for i, row in enumerate(rows(ids)):
+            if i == n:
+                stop.set()  # as a revoke does, from another thread, between two rows
+            yield row
+
+    position = FeedPosition(
+        "main", store.load_state(), store, exactly_once=False, ascending=True, covered=None
+    )
+    drive = Drive(make_sink(publisher), publisher, position, checkpoint_every=3, stop=stop)  # type: ignore[arg-type]
+    with pytest.raises(StoppedError, match="stopped after 7 rows"):
+        drive.run(stopping_after(7, list(range(1, 21))))
+    assert store.load() == 6  # the checkpoints at 3 and 6; rows 7 (produced) are not
+    assert sorted(delivered_ids(publisher)) == [1, 2, 3, 4, 5, 6]
+    assert drive.tally.rows == 7
