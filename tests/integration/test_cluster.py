@@ -9,8 +9,8 @@ when one of them is killed.
 
 from __future__ import annotations
 
+import json
 import re
-import socket
 import threading
 import time
 import urllib.error
@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from helpers import FEED_PASSWORD, StreamerProcess, read_topic, wait_until, write_config
 from prometheus_client.parser import text_string_to_metric_families
+from test_observability import DASHBOARD, Prometheus, free_port, grafana_expr
 
 from streamer.simulator import BillingFeedSimulator, SimulatorConfig
 
@@ -44,9 +45,9 @@ ADD_PER_FEED = 5  # 50 new CDRs per second per feed while the stream runs
 class Replica:
     """One streamer process of the cluster, and what its /metrics say it runs."""
 
-    def __init__(self, name: str, config: Path, tmp_path: Path) -> None:
+    def __init__(self, name: str, config: Path, tmp_path: Path, port: int) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = port
         # The same configuration on every replica; only the metrics port is its own.
         own = tmp_path / f"{name}.toml"
         own.write_text(
@@ -145,13 +146,6 @@ def cluster_config(
     return config
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def ownership(replicas: list[Replica]) -> dict[str, list[str]]:
     """unit -> the replicas that say they own it now."""
     owners: dict[str, list[str]] = defaultdict(list)
@@ -186,6 +180,29 @@ def wait_balanced(replicas: list[Replica], per_replica: int) -> dict[str, str]:
     return {unit: o[0] for unit, o in seen[-1].items()}
 
 
+UNOWNED = "CdrStreamerUnitUnowned"
+
+
+def check_prometheus(prometheus: Prometheus, killed_at: float, moved: int) -> None:
+    wait_until(prometheus.ready, "Prometheus to start")
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [
+        (panel["title"], target["expr"])
+        for panel in dashboard["panels"]
+        if panel["title"].startswith("Cluster: ")
+        for target in panel["targets"]
+    ]
+    assert len(queries) >= 5
+    empty = [(t, e) for t, e in queries if not prometheus.query(grafana_expr(e))]
+    assert not empty, f"cluster panels without data: {empty}"
+    rules = prometheus.api("rules", type="alert")
+    (rule,) = [r for g in rules["groups"] for r in g["rules"] if r["name"] == UNOWNED]
+    # Between the kill and the end of the session timeout the victim's units had no owner.
+    during = prometheus.api("query", query=rule["query"], time=f"{killed_at + 3:.3f}")
+    assert [float(r["value"][1]) for r in during["result"]] == [moved], during
+    assert not prometheus.query(rule["query"]), "units are still unowned"
+
+
 def cursors(replicas: list[Replica]) -> dict[str, float]:
     out: dict[str, float] = {}
     for replica in replicas:
@@ -202,15 +219,19 @@ def test_three_replicas_share_feeds_fail_over_and_scale_out(
     simulators: list[BillingFeedSimulator],
 ) -> None:
     config = cluster_config(tmp_path, kafka_bootstrap, topic_name, simulators, delivery)
+    ports = {name: free_port() for name in "abcd"}
+    prometheus = Prometheus(tmp_path, [f"127.0.0.1:{port}" for port in ports.values()])
     stream = Stream(simulators)
-    replicas = [Replica(name, config, tmp_path) for name in ("a", "b", "c")]
+    replicas = [Replica(name, config, tmp_path, ports[name]) for name in "abc"]
     extra: Replica | None = None
     try:
         # 1. Every feed owned by exactly one replica, 4 each.
         owner = wait_balanced(replicas, FEEDS // 3)
+        # Past the backlog: from here on each poll has the second's new CDRs.
         wait_until(
-            lambda: len(cursors(replicas)) == FEEDS and min(cursors(replicas).values()) > 0,
-            "every feed to commit a cursor",
+            lambda: len(cursors(replicas)) == FEEDS
+            and min(cursors(replicas).values()) >= BACKLOG,
+            "every feed to publish its backlog",
         )
 
         # 2. kill -9 one replica mid-stream: its feeds resume on the others.
@@ -246,7 +267,7 @@ def test_three_replicas_share_feeds_fail_over_and_scale_out(
         # 3. A fourth replica (the third live one) takes some units without stopping the
         # others: 6 + 6 becomes 4 + 4 + 4.
         before = {r.name: r.owned() for r in survivors}
-        extra = Replica("d", config, tmp_path)
+        extra = Replica("d", config, tmp_path, ports["d"])
         replicas.append(extra)
         owner = wait_balanced([*survivors, extra], FEEDS // 3)
         for r in survivors:
@@ -270,7 +291,13 @@ def test_three_replicas_share_feeds_fail_over_and_scale_out(
         live = [r for r in replicas if r is not victim]
         high = {f"f{n:02d}": sim.high_id for n, sim in enumerate(simulators)}
         wait_until(lambda: cursors(live) == high, "every cursor to reach its feed's end")
+
+        # 5. Prometheus saw it: the dashboard's cluster panels have data, and the rule for
+        # units owned by nobody held while the killed replica's units had no owner, and
+        # holds no more.
+        check_prometheus(prometheus, killed_at, len(moved))
     finally:
+        prometheus.stop()
         stream.stop()
         # All at once: one by one, each would hand its units to the next to stop.
         live = [r for r in replicas if r.process.proc.poll() is None]
@@ -279,7 +306,7 @@ def test_three_replicas_share_feeds_fail_over_and_scale_out(
         for r in live:
             assert r.process.proc.wait(60) == 0, r.process.log()[-3000:]
 
-    # 5. What a read_committed consumer sees, feed by feed.
+    # 6. What a read_committed consumer sees, feed by feed.
     ids: dict[str, Counter[int]] = defaultdict(Counter)
     for msg in read_topic(kafka_bootstrap, topic_name):
         feed = dict(msg.headers())["feed"].decode()

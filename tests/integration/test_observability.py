@@ -378,10 +378,12 @@ def test_live_exposition_passes_promtool_check_metrics(stack: Stack) -> None:
 def test_every_dashboard_panel_query_returns_data(stack: Stack) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["uid"] == "cdr-streamer"
+    # The cluster's panels need replicas in cluster mode: test_cluster.py runs them.
     queries = [
         (panel["title"], target["expr"])
         for panel in dashboard["panels"]
         for target in panel.get("targets", [])
+        if not panel["title"].startswith("Cluster: ")
     ]
     assert len(queries) >= 20
     empty = [
