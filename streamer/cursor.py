@@ -253,6 +253,10 @@ class KafkaCursorStore:
         self.commit_state(FeedCursor(cursor))
 
     def commit_state(self, state: FeedCursor) -> None:
+        if self.table is not None:  # the process's one cursor producer
+            self.table.send(self.message_state(state), self.timeout_s)
+            self._state = state
+            return
         if self._producer is None:
             self._producer = _cursor_producer(self.bootstrap_servers, self._client_config)
         _produce_and_wait(self._producer, self.message_state(state), self.timeout_s)
@@ -468,6 +472,10 @@ class JsonKafkaCursorStore:
         self._loaded = True
 
     def commit(self, value: Mapping[str, Any]) -> None:
+        if self.table is not None:  # the process's one cursor producer
+            self.table.send(self.message(value), self.timeout_s)
+            self.committed(value)
+            return
         if self._producer is None:
             self._producer = _cursor_producer(self.bootstrap_servers, self._client_config)
         _produce_and_wait(self._producer, self.message(value), self.timeout_s)

@@ -32,6 +32,7 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
+    Producer,
     TopicPartition,
 )
 
@@ -45,7 +46,11 @@ _BATCH = 1000  # records taken from the consumer at a time
 
 
 class CursorTable:
-    """The latest committed value of every key of the cursor topic; `latest()` asks by key."""
+    """The latest committed value of every key of the cursor topic; `latest()` asks by key.
+
+    It also writes cursors for the stores that commit on their own (at-least-once):
+    `send()`, through one producer for the whole process instead of one per feed.
+    """
 
     def __init__(
         self,
@@ -54,6 +59,14 @@ class CursorTable:
         client_config: Mapping[str, str] | None = None,
     ) -> None:
         self.topic = topic
+        self._producer_config: dict[str, str] = {
+            **dict(client_config or {}),
+            "bootstrap.servers": bootstrap_servers,
+            "enable.idempotence": "true",
+            "acks": "all",
+        }
+        self._producer: Producer | None = None
+        self._producer_lock = threading.Lock()
         self._config: dict[str, str] = {
             **dict(client_config or {}),
             "bootstrap.servers": bootstrap_servers,
@@ -102,7 +115,45 @@ class CursorTable:
                 f"cannot read cursor topic {self.topic}: {exc.args[0].str()}"
             ) from exc
 
+    def send(self, message: tuple[str, bytes, bytes], timeout_s: float) -> None:
+        """Produce one cursor record and wait until Kafka confirmed it (DeliveryError if not).
+
+        Safe from any thread; each caller waits for its own record only.
+        """
+        topic, key, value = message
+        with self._producer_lock:
+            if self._producer is None:
+                self._producer = Producer(self._producer_config, logger=_librdkafka_log)
+            producer = self._producer
+        confirmed = threading.Event()
+        errors: list[KafkaError] = []
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                errors.append(err)
+            confirmed.set()
+
+        try:
+            producer.produce(topic, value, key, on_delivery=on_delivery)
+        except (KafkaException, BufferError) as exc:
+            reason = exc.args[0].str() if isinstance(exc, KafkaException) else "queue full"
+            raise DeliveryError(f"cursor not committed to {topic}: {reason}") from exc
+        deadline = time.monotonic() + timeout_s
+        while not confirmed.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeliveryError(
+                    f"cursor not committed to {topic}: no answer within {timeout_s:g} s"
+                )
+            producer.poll(min(_POLL_S, remaining))  # serves whichever callbacks are due
+        if errors:
+            raise DeliveryError(f"cursor not committed to {topic}: {errors[0].str()}")
+
     def close(self) -> None:
+        with self._producer_lock:
+            if self._producer is not None:
+                self._producer.flush(10)
+                self._producer = None
         with self._lock:
             for consumer in (self._consumer, self._probe):
                 if consumer is not None:

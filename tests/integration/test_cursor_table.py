@@ -48,6 +48,25 @@ def test_loads_by_key_read_the_topic_once_then_only_what_came_since(
         KafkaCursorStore(kafka_bootstrap, topic, "f7").commit(77_777)
         assert KafkaCursorStore(kafka_bootstrap, topic, "f7", table=table).load() == 77_777
         assert table.records_read == 501
+        # Stores that share the table commit through its one producer, from any thread.
+        writers = [
+            threading.Thread(
+                target=KafkaCursorStore(kafka_bootstrap, topic, f"f{feed}", table=table).commit,
+                args=(90_000 + feed,),
+            )
+            for feed in range(10)
+        ]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(60)
+        fresh = CursorTable(kafka_bootstrap, topic)
+        try:
+            loaded = [KafkaCursorStore(kafka_bootstrap, topic, f"f{f}", table=fresh).load()
+                      for f in range(10)]  # fmt: skip
+        finally:
+            fresh.close()
+        assert loaded == [90_000 + feed for feed in range(10)]
         # A tombstone deletes the key: back to the initial cursor.
         producer.produce(topic, None, b"f8")
         producer.flush(30)
