@@ -21,6 +21,15 @@ from streamer.sources.files import FileCollector
 
 log = logging.getLogger(__name__)
 
+# A unit whose next poll is at least this far away closes its producer until then: a
+# Kafka client (threads, buffers, a connection per broker) costs about 0.5 MiB, and
+# a thousand feeds polled every ten minutes would hold a thousand of them for nothing.
+RELEASE_IDLE_AFTER_S = 60.0
+
+
+def _nothing() -> None:
+    return None
+
 
 class Runner(ABC):
     """Polls one source until stopped: retriable errors back off, fatal ones stop it."""
@@ -48,6 +57,9 @@ class Runner(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the source's connections and producer."""
+
+    def release(self) -> None:  # noqa: B027 - optional: by default a source keeps all
+        """Idle for a while: free the producer; the next poll builds another."""
 
     def step(self, *, once: bool = False, max_failures: int = 5) -> float | None:
         """One poll with its error handling: the seconds to wait, or None once this runner ends.
@@ -136,6 +148,10 @@ class FeedRunner(Runner):
     def close(self) -> None:
         self.pipeline.close()
 
+    def release(self) -> None:
+        self.metrics.watch_producer(_nothing)  # a scrape must not keep the old one alive
+        self.pipeline.slot.close()
+
     def _position(self) -> str:
         # No I/O here: this runs while Kafka (maybe holding the cursor) is failing.
         cursor = self.pipeline.last_cursor
@@ -198,6 +214,10 @@ class SftpRunner(Runner):
     def close(self) -> None:
         self.collector.close()
 
+    def release(self) -> None:
+        self.metrics.watch_producer(_nothing)
+        self.collector.sink.slot.close()
+
     def _position(self) -> str:
         cursor = self.collector.loaded_cursor
         if cursor is None:  # reading it failed: do not wait on the store again just to log
@@ -235,16 +255,23 @@ def run_together(
     """Run several sources in this thread, each on its own schedule, one poll at a time.
 
     For a feed and its paired SFTP source: one poll never overlaps the other's, so
-    each reads the other's committed progress, never a half-done one.
+    each reads the other's committed progress, never a half-done one. While the next
+    poll is RELEASE_IDLE_AFTER_S or more away, the sources hold no producer.
     """
     due = [0.0] * len(runners)
     active = list(range(len(runners)))
+    released = True  # nothing to release before the first poll
     while active and not stop.is_set():
         index = min(active, key=lambda i: due[i])
         wait = due[index] - time.monotonic()
         if wait > 0:
+            if wait >= RELEASE_IDLE_AFTER_S and not released:
+                for i in active:
+                    runners[i].release()
+                released = True
             stop.wait(wait)
             continue
+        released = False
         delay = runners[index].step(once=once, max_failures=max_failures)
         if delay is None:
             active.remove(index)
