@@ -20,7 +20,8 @@ polls and CDRs its log lines report.
 second reach 90 % of what the interval asks for (N / (interval x (1 + jitter/2))),
 where counted, and the process needs less than one core.
 
-Run alone: `python -m bench capacity`; CDR_BENCH_FEEDS="10,100" to choose the counts.
+Run alone: `python -m bench capacity`; CDR_BENCH_FEEDS="10,100" to choose the counts,
+CDR_BENCH_LOADS="busy" the loads.
 """
 
 from __future__ import annotations
@@ -266,7 +267,10 @@ def run() -> str:
     with tempfile.TemporaryDirectory(prefix="cdr-capacity-") as tmp:
         tmp_path = Path(tmp)
         with broker(tmp_path / "kafka") as bootstrap:
+            chosen = os.environ.get("CDR_BENCH_LOADS")  # e.g. "busy": only those
             for load in LOADS:
+                if chosen and load.name not in chosen.split(","):
+                    continue
                 with simulator(0, ["--rate-per-s", str(load.rate)]) as url:
                     for feeds in FEEDS:
                         print(f"capacity: {feeds} feeds, {load.name}", file=sys.stderr, flush=True)
