@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from helpers import FEED_PASSWORD, StreamerProcess, read_topic, wait_until, write_config
 from prometheus_client.parser import text_string_to_metric_families
-from test_observability import DASHBOARD, Prometheus, free_port, grafana_expr
+from test_observability import DASHBOARD, Prometheus, free_port, grafana_expr, with_bool
 
 from streamer.simulator import BillingFeedSimulator, SimulatorConfig
 
@@ -196,7 +196,14 @@ def check_prometheus(prometheus: Prometheus, killed_at: float, moved: int) -> No
     empty = [(t, e) for t, e in queries if not prometheus.query(grafana_expr(e))]
     assert not empty, f"cluster panels without data: {empty}"
     rules = prometheus.api("rules", type="alert")
-    (rule,) = [r for g in rules["groups"] for r in g["rules"] if r["name"] == UNOWNED]
+    cluster = [
+        r for g in rules["groups"] if g["name"] == "cdr-streamer-cluster" for r in g["rules"]
+    ]
+    assert len(cluster) == 3
+    assert all(r["health"] == "ok" for r in cluster), cluster
+    # Each rule's inputs are there (as a comparison with `bool`, it answers 0 or 1).
+    assert all(prometheus.query(with_bool(r["query"])) for r in cluster), cluster
+    (rule,) = [r for r in cluster if r["name"] == UNOWNED]
     # Between the kill and the end of the session timeout the victim's units had no owner.
     during = prometheus.api("query", query=rule["query"], time=f"{killed_at + 3:.3f}")
     assert [float(r["value"][1]) for r in during["result"]] == [moved], during
@@ -314,6 +321,8 @@ def test_three_replicas_share_feeds_fail_over_and_scale_out(
     starts: Counter[str] = Counter()
     for r in replicas:
         starts += r.starts()
+    total = sum(sum(n - 1 for n in c.values()) for c in ids.values())
+    print(f"{delivery}: {sum(high.values())} CDRs, {total} published again")
     for feed, last in high.items():
         assert set(ids[feed]) == set(range(1, last + 1)), f"feed {feed} lost CDRs"
         duplicated = sum(n - 1 for n in ids[feed].values())

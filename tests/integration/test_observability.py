@@ -411,6 +411,9 @@ def test_every_rule_is_loaded_healthy_and_returns_data(stack: Stack) -> None:
     assert len(records) == text.count("- record:")
     unhealthy = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not unhealthy
+    # The cluster's rules need replicas in cluster mode: test_cluster.py runs them.
+    cluster = {r["name"] for g in groups if g["name"] == "cdr-streamer-cluster" for r in g["rules"]}
+    alerts = [r for r in alerts if r["name"] not in cluster]
     empty = [(r["name"], r["query"]) for r in records if not stack.prometheus.query(r["name"])]
     empty += [
         (r["name"], with_bool(r["query"]))
