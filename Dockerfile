@@ -6,6 +6,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# In a container the metrics endpoint must be reachable from outside it: all
+# interfaces, unless [metrics] host says otherwise (a plain install: loopback).
+ENV CDR_METRICS_HOST=0.0.0.0
 
 WORKDIR /src
 COPY constraints.txt pyproject.toml README.md ./

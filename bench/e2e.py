@@ -297,6 +297,8 @@ def run_stages(url: str, bootstrap: str, backlog: int) -> list[tuple[str, int, f
 
     rows, seconds = _timed(lambda: list(parse_rows(chunks, "csv")))
     results.append(("parse (body in memory)", len(rows), seconds))
+    count, seconds = _timed(lambda: len(list(parse_rows(chunks, "csv", "auto"))))
+    results.append(('parse, `encoding = "auto"` (body in memory)', count, seconds))
     typed = [r for r in rows if isinstance(r, Row)]
     records, seconds = _timed(lambda: [to_record(r) for r in typed])
     results.append(("typing (`to_record`)", len(records), seconds))

@@ -1,13 +1,15 @@
 """All the wiring: Settings -> components -> units of work, run until stopped.
 
-A *unit of work* is what one thread runs: a feed, the SFTP source paired with it and
-their one producer, or an SFTP source on its own. Components take plain arguments;
+A *unit of work* is what one thread runs: a feed, the file source (SFTP, FTP or FTPS)
+paired with it and their one producer, or a file source on its own; in cluster mode,
+the group assigns units to replicas (streamer/cluster.py). Components take plain arguments;
 only this module (and `pipeline.py`) puts several of them together.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from streamer import cluster
 from streamer.avro import make_encoder
-from streamer.config import FeedSettings, Settings, SftpSettings, is_loopback_url
+from streamer.config import FeedSettings, Secret, Settings, SftpSettings, is_loopback_url
 from streamer.cursor import (
     CursorStore,
     FileCursorStore,
@@ -31,8 +33,10 @@ from streamer.cursor import (
     MemoryCursorStore,
 )
 from streamer.cursor_table import CursorTable
+from streamer.endpoint import Credentials, tls_context
 from streamer.errors import ConfigError
 from streamer.health import HealthServer, KafkaCheck, Readiness
+from streamer.limits import BodyLimits
 from streamer.metrics import ClusterMetrics, FeedMetrics, Metrics, SftpMetrics, forget_feed
 from streamer.pipeline import FeedPipeline
 from streamer.publisher import (
@@ -45,8 +49,10 @@ from streamer.publisher import (
 from streamer.retry import Backoff
 from streamer.scheduler import FeedRunner, Runner, SftpRunner, run_together
 from streamer.sink import Encoder, EventSink, PublisherSlot
+from streamer.sources.base import FileServer
 from streamer.sources.feed import FeedClient, FeedQuery, FeedTimeouts
 from streamer.sources.files import FileCollector
+from streamer.sources.ftp import FtpServer
 from streamer.sources.sftp import SftpServer
 
 log = logging.getLogger("streamer")
@@ -155,6 +161,9 @@ def _build_pipeline(
         stop=stop,
         on_request=feed_metrics.request,
         name=feed.name,
+        limits=BodyLimits(feed.max_body_bytes, feed.max_expansion_ratio),
+        ca_file=feed.ca_file,
+        encoding=feed.encoding,
     )
     k = settings.kafka
     transactional_id = f"{k.transactional_id_prefix}-{feed.name}" if exactly_once else None
@@ -203,6 +212,12 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
         else None
     )
     for feed in settings.feeds:
+        if feed.url.startswith("http://") and not is_loopback_url(feed.url):
+            log.warning(
+                "feed %s: %s is plain HTTP: the login and password cross the network "
+                "unencrypted; use the provider's https:// address",
+                feed.name, feed.url,
+            )  # fmt: skip
         if feed.poll_interval_s < 600 and not is_loopback_url(feed.url):
             log.warning(
                 "feed %s polls every %g s, under the provider's 600 s guidance",
@@ -287,7 +302,7 @@ def _feed_unit(
     table: CursorTable | None,
     abort_on_stop: bool,
 ) -> list[Runner]:
-    """A feed and the SFTP source paired with it: they take turns in one thread."""
+    """A feed and the file source paired with it: they take turns in one thread."""
     pipeline = _build_pipeline(
         settings,
         feed,
@@ -338,7 +353,7 @@ def _sftp_unit(
     table: CursorTable | None,
     abort_on_stop: bool,
 ) -> list[Runner]:
-    """An SFTP source on its own."""
+    """A file source (SFTP, FTP or FTPS) on its own."""
     collector = _build_sftp(
         settings, source, metrics, sftp_metrics, stop, limits=limits, table=table,
         abort_on_stop=abort_on_stop,
@@ -422,29 +437,20 @@ def _build_sftp(
     """One SFTP source; paired, it shares its feed's producer (`slot`) and reads its cursor."""
     k = settings.kafka
     exactly_once = k.delivery == "exactly_once"
-    source_metrics = metrics.for_feed(source.name, "sftp", poll_interval_s=source.poll_interval_s)
+    source_metrics = metrics.for_feed(
+        source.name, source.protocol, poll_interval_s=source.poll_interval_s
+    )
     if slot is None:
         transactional_id = (
             f"{k.transactional_id_prefix}-sftp-{source.name}" if exactly_once else None
         )
         slot = _publisher_slot(settings, source_metrics, transactional_id)
-    server = SftpServer(
-        source.host,
-        source.port,
-        source.user,
-        known_hosts=Path(source.known_hosts),
-        password=source.password,
-        key_file=Path(source.key_file).expanduser() if source.key_file else None,
-        key_passphrase=source.key_passphrase,
-        trust_unknown_host_key=source.trust_unknown_host_key,
-        connect_timeout_s=source.connect_timeout_s,
-        read_timeout_s=source.read_timeout_s,
-    )
+    server = _file_server(source)
     store = _sftp_cursor_store(settings, source, table)
     log.info(
-        "sftp %s: listing %s:%s on %s:%d as %s every %g s, %s%s, cursor in %r",
-        source.name, source.directory, source.pattern, source.host, source.port, source.user,
-        source.poll_interval_s, k.delivery.replace("_", "-"),
+        "%s %s: listing %s:%s on %s:%d as %s every %g s, %s%s, cursor in %r",
+        source.protocol, source.name, source.directory, source.pattern, source.host,
+        source.port, source.user, source.poll_interval_s, k.delivery.replace("_", "-"),
         f", paired with feed {source.pairs_with_feed}" if source.pairs_with_feed else "", store,
     )  # fmt: skip
     return FileCollector(
@@ -453,12 +459,14 @@ def _build_sftp(
         directory=source.directory,
         pattern=source.pattern,
         fmt=source.format,
+        encoding=source.encoding,
         settle_s=source.settle_s,
         after=source.after,
         quarantine_dir=source.quarantine_dir,
+        max_decompressed_bytes=source.max_decompressed_bytes,
         sink=EventSink(
             name=source.name,
-            source="sftp",
+            source=source.protocol,
             slot=slot,
             encoder=_encoder(settings),
             topic=k.topic,
@@ -474,6 +482,46 @@ def _build_sftp(
         feed_cursor=feed_cursor,
         stop=stop,
         abort_on_stop=abort_on_stop,
+        max_file_bytes=source.max_file_bytes,
+    )
+
+
+def _file_server(source: SftpSettings) -> FileServer:
+    """The server of one file source, by its protocol: SFTP, FTP or FTPS."""
+    if source.protocol == "sftp":
+        return SftpServer(
+            source.host,
+            source.port,
+            source.user,
+            known_hosts=Path(source.known_hosts),
+            password=source.password,
+            key_file=Path(source.key_file).expanduser() if source.key_file else None,
+            key_passphrase=source.key_passphrase,
+            trust_unknown_host_key=source.trust_unknown_host_key,
+            connect_timeout_s=source.connect_timeout_s,
+            read_timeout_s=source.read_timeout_s,
+        )
+    if source.protocol == "ftp" and not is_loopback_url(f"ftp://{source.host}/"):
+        log.warning(
+            "ftp %s: plain FTP sends the password and the CDRs unencrypted; use protocol = "
+            '"ftps" if %s offers it', source.name, source.host,
+        )  # fmt: skip
+    if source.protocol == "ftps" and not source.tls_verify:
+        log.warning(
+            "ftps %s: tls_verify = false: the connection is encrypted, but to whoever answers "
+            "as %s; set ca_file to the provider's CA instead", source.name, source.host,
+        )  # fmt: skip
+    return FtpServer(
+        source.host,
+        source.port,
+        source.user,
+        source.password or Secret(""),  # config.py requires one for FTP
+        tls="none" if source.protocol == "ftp" else source.ftps_mode,
+        ca_file=Path(source.ca_file) if source.ca_file else None,
+        verify=source.tls_verify,
+        passive=source.passive,
+        connect_timeout_s=source.connect_timeout_s,
+        read_timeout_s=source.read_timeout_s,
     )
 
 
@@ -489,13 +537,46 @@ def _start_health_server(settings: Settings, metrics: Metrics) -> HealthServer:
     """/metrics, /healthz and /readyz on the metrics port."""
     k, m = settings.kafka, settings.metrics
     kafka_check = KafkaCheck({**k.producer, "bootstrap.servers": k.bootstrap_servers})
-    readiness = Readiness(metrics, kafka_check, max_failing_s=m.ready_max_failing_s)
-    health = HealthServer(metrics.registry, readiness.problems, host=m.host, port=m.port)
+    readiness = Readiness(
+        metrics,
+        kafka_check,
+        max_failing_s=m.ready_max_failing_s,
+        max_poll_s=m.ready_max_poll_s,
+    )
+    credentials = None
+    if m.basic_auth_user or m.bearer_token is not None:
+        credentials = Credentials(m.basic_auth_user, m.basic_auth_password, m.bearer_token)
+    tls = None
+    if m.tls_cert_file:
+        try:
+            tls = tls_context(m.tls_cert_file, m.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot use metrics.tls_cert_file {m.tls_cert_file} and tls_key_file "
+                f"{m.tls_key_file}: {exc}"
+            ) from exc
+    health = HealthServer(
+        metrics.registry,
+        readiness.problems,
+        host=m.host,
+        port=m.port,
+        credentials=credentials,
+        auth_probes=m.auth_probes,
+        tls=tls,
+    )
     try:
         health.start()
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {m.host}:{m.port}: {exc.strerror}") from exc
-    log.info("metrics on http://%s:%d/metrics, also /healthz and /readyz", m.host, health.port)
+    scheme = "https" if tls is not None else "http"
+    guarded = (
+        "" if credentials is None else ", credentials required" + ("" if m.auth_probes else
+        " except for the probes")
+    )  # fmt: skip
+    log.info(
+        "metrics on %s://%s:%d/metrics, also /healthz and /readyz%s",
+        scheme, m.host, health.port, guarded,
+    )  # fmt: skip
     return health
 
 

@@ -2,7 +2,7 @@
 
 Exit codes: 0 stopped cleanly; 1 a fatal error (configuration, Kafka topics);
 2 bad command-line usage; 3 every feed (and SFTP source) stopped on a fatal error
-(e.g. bad credentials).
+(e.g. bad credentials); 4 (`tail`) some messages could not be decoded.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from datetime import date
 from pathlib import Path
 from types import FrameType
 
-from streamer import __version__, app
-from streamer.config import Settings, check_backfill_window, load_settings
+from streamer import __version__, app, redact
+from streamer.config import Settings, check_backfill_window, is_secret_setting, load_settings
 from streamer.errors import ConfigError, FatalError
 from streamer.scheduler import Runner
 
@@ -115,11 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
     add_simulate_files_parser(sub)
+    from streamer.tail import add_tail_parser
+
+    add_tail_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Before the first log line: every record and uncaught traceback is redacted.
+    redact.install()
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -137,15 +142,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             from streamer.simulator.cli import run_simulate_files
 
             return run_simulate_files(args)
+        if args.command == "tail":
+            from streamer.tail import run_tail
+
+            return run_tail(args)
         settings = load_settings(args.config, bootstrap_servers=args.bootstrap_servers)
         if args.command == "check-config":
-            print(settings)
-            secretive = ("password", "secret", "key", "token", "credentials")
+            print(redact.redact(str(settings)))
             producer = {
-                k: "********" if any(word in k for word in secretive) else v
+                # "key" hides key paths too (ssl.key.location): shown, not secret, but private.
+                k: "********" if is_secret_setting(k) or "key" in k else v
                 for k, v in settings.kafka.producer.items()
             }
-            print(f"kafka.producer={producer}")
+            print(redact.redact(f"kafka.producer={producer}"))
             return EXIT_OK
         stop = threading.Event()
         _stop_on_signals(stop)

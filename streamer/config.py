@@ -21,27 +21,44 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from streamer import redact
 from streamer.errors import ConfigError
+from streamer.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_EXPANSION_RATIO
+from streamer.sources.compression import MAX_DECOMPRESSED_BYTES
 
 PROVIDER_MIN_POLL_INTERVAL_S = (
     600.0  # "A reasonable polling frequency would be 10 minutes or greater."
 )
 DEFAULT_PASSWORD_ENV = "CDR_FEED_PASSWORD"  # noqa: S105 - the variable's name, not a password
 SCHEMA_REGISTRY_PASSWORD_ENV = "CDR_SCHEMA_REGISTRY_PASSWORD"  # noqa: S105 - likewise
+# The metrics endpoint's address when [metrics] host is not set; the Docker image sets
+# 0.0.0.0, a plain install listens on loopback only.
+METRICS_HOST_ENV = "CDR_METRICS_HOST"
+DEFAULT_METRICS_HOST = "127.0.0.1"
 
 FeedFormat = Literal["csv", "txt", "pipe", "json"]
+# The body's encoding; auto: UTF-8, and a row that is not UTF-8 is read as cp1252.
+Encoding = Literal["utf-8", "cp1252", "latin-1", "auto"]
+ENCODING_NAMES: tuple[str, ...] = ("utf-8", "cp1252", "latin-1", "auto")
 SftpFormat = Literal["auto", "csv", "txt", "pipe", "json"]
+FileProtocol = Literal["sftp", "ftp", "ftps"]
+FILE_PROTOCOL_PORTS: Mapping[str, int] = {"sftp": 22, "ftp": 21, "ftps": 21, "ftps-implicit": 990}
 AfterAction = Literal["keep", "delete", "move"]
 Delivery = Literal["at_least_once", "exactly_once"]
 
 
 class Secret:
-    """A string that never shows itself in `repr`, `str`, a log line or a traceback."""
+    """A string that never shows itself in `repr`, `str`, a log line or a traceback.
+
+    Made, it is registered with `streamer.redact`, so no log line or error message
+    of the process shows it, in any encoding.
+    """
 
     __slots__ = ("_value",)
 
     def __init__(self, value: str) -> None:
         self._value = value
+        redact.register(value)
 
     def reveal(self) -> str:
         """The secret itself, for the one place that must send it."""
@@ -68,6 +85,7 @@ class FeedSettings:
     login: str
     password: Secret
     format: FeedFormat = "csv"
+    encoding: Encoding = "utf-8"
     method: Literal["POST", "GET"] = "POST"
     callsonly: bool = False
     servicesonly: bool = False
@@ -80,7 +98,11 @@ class FeedSettings:
     ids_ascending: bool = False
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
-    request_deadline_s: float = 1800.0
+    request_deadline_s: float = 1800.0  # connect to last byte
+    # A response over this many bytes (decoded) fails the poll; so does a compressed one
+    # that expands more than max_expansion_ratio times (a decompression bomb).
+    max_body_bytes: int = DEFAULT_MAX_BYTES
+    max_expansion_ratio: float = DEFAULT_MAX_EXPANSION_RATIO
     max_attempts: int = 5
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
@@ -88,6 +110,9 @@ class FeedSettings:
     initial_cursor: int = 0
     # The provider's local time zone: what its `date` and `hour` parameters mean.
     timezone: str = "Pacific/Auckland"
+    # HTTPS: the CA certificates (PEM) to trust for the feed instead of the public ones
+    # (certifi's; or SSL_CERT_FILE / SSL_CERT_DIR). Verification cannot be turned off.
+    ca_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,22 +149,35 @@ class KafkaSettings:
 
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
-    """Where /metrics, /healthz and /readyz listen; port 0 disables the endpoint."""
+    """Where /metrics, /healthz and /readyz listen, and who may read them; port 0: off."""
 
-    host: str = "0.0.0.0"  # noqa: S104 - a scrape target must be reachable from Prometheus
+    host: str = DEFAULT_METRICS_HOST  # or CDR_METRICS_HOST when the file does not say
     port: int = 9108
-    # /readyz answers 503 once a feed's polls have been failing for longer than this.
+    # /readyz answers 503 once a feed's polls have been failing for longer than this,
     ready_max_failing_s: float = 900.0
+    # or once one poll has been running this long (the default deadline is 1800 s).
+    ready_max_poll_s: float = 3600.0
+    # Credentials for every path but /healthz and /readyz (those too with auth_probes):
+    # basic auth (user + basic_auth_password_env/_file), a bearer token
+    # (bearer_token_env/_file), or both.
+    basic_auth_user: str = ""
+    basic_auth_password: Secret | None = None
+    bearer_token: Secret | None = None
+    auth_probes: bool = False
+    # HTTPS instead of HTTP: a PEM certificate (chain) and its private key.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class SftpSettings:
-    """One SFTP source of CDR files: the server, the login, the directory, what to do after."""
+    """One source of CDR files over SFTP, FTP or FTPS: the server, the login, the directory."""
 
     name: str
     host: str
     user: str
-    port: int = 22
+    protocol: FileProtocol = "sftp"
+    port: int = 0  # 0: the protocol's (22 SFTP, 21 FTP and explicit FTPS, 990 implicit FTPS)
     password: Secret | None = None  # password_env, password_file or password
     key_file: str = ""  # a private key (OpenSSH or PEM); with or without a passphrase
     key_passphrase: Secret | None = None  # key_passphrase_env or key_passphrase_file
@@ -147,9 +185,15 @@ class SftpSettings:
     # Accept an unknown host key on first contact (logged with its fingerprint) and
     # record it in known_hosts. Never a changed key.
     trust_unknown_host_key: bool = False
+    # FTPS: AUTH TLS on the FTP port ("explicit"), or TLS from the first byte ("implicit").
+    ftps_mode: Literal["explicit", "implicit"] = "explicit"
+    ca_file: str = ""  # FTPS: PEM CA certificates to verify the server with ("": the system's)
+    tls_verify: bool = True  # FTPS: false encrypts but trusts any certificate (logged)
+    passive: bool = True  # FTP, FTPS: passive data connections; false: active (PORT)
     directory: str = "."
     pattern: str = "cdr_*"  # a glob on file names
     format: SftpFormat = "auto"  # auto: from the extension (.csv, .txt/.tsv, .pipe/.psv, .json)
+    encoding: Encoding = "utf-8"
     settle_s: float = 60.0  # a file is complete once unchanged across listings this long
     poll_interval_s: float = 60.0
     after: str = "keep"  # keep, delete, or move:DIR (relative to directory)
@@ -160,6 +204,10 @@ class SftpSettings:
     read_timeout_s: float = 60.0
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
+    # A compressed file (.gz, .zip) inflating past this is quarantined: a bound on
+    # what a corrupt or hostile archive can cost.
+    max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES
+    max_file_bytes: int = DEFAULT_MAX_BYTES  # a bigger file is quarantined
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +246,18 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     sftp: tuple[SftpSettings, ...] = ()
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+
+
+# librdkafka settings whose values are secrets (sasl.password, ssl.key.password,
+# ssl.keystore.password, sasl.oauthbearer.client.secret, ssl.key.pem, ...).
+_SECRET_SETTING_WORDS = ("password", "secret", "token", "credential", "jaas")
+_SECRET_SETTINGS = frozenset({"ssl.key.pem", "sasl.oauthbearer.config"})
+
+
+def is_secret_setting(name: str) -> bool:
+    """Whether a librdkafka setting's value is a secret, never to be shown."""
+    name = name.lower()
+    return name in _SECRET_SETTINGS or any(word in name for word in _SECRET_SETTING_WORDS)
 
 
 def is_loopback_url(url: str) -> bool:
@@ -302,8 +362,57 @@ def parse_settings(
         if key not in {"kafka", "feeds", "metrics", "sftp", "cluster"}:
             problems.add(key, "unknown section (known: kafka, feeds, sftp, metrics, cluster)")
     cluster_args = _take(data.get("cluster", {}), ClusterSettings, "cluster", problems, set())
-    clustered = bool(cluster_args.get("group_id"))
 
+    servers, kafka_args = _kafka_args(data, env, bootstrap_servers, problems)
+
+    feeds: list[FeedSettings] = []
+    tables = data.get("feeds", [])
+    if not tables and not data.get("sftp"):
+        problems.add("feeds", "no [[feeds]] (or [[sftp]]) configured")
+    names: set[str] = set()
+    feed_tables: dict[str, dict[str, Any]] = {}
+    for i, table in enumerate(tables):
+        where = f"feeds[{i}]"
+        args = _take(table, FeedSettings, where, problems, _PASSWORD_KEYS)
+        name = str(args.get("name", ""))
+        where = f"feeds[{name or i}]"
+        for required in ("name", "url", "login"):
+            if not args.get(required):
+                problems.add(where, f"{required} is required")
+        if name in names:
+            problems.add(where, "two feeds share this name; each needs its own cursor and label")
+        names.add(name)
+        args["password"] = _password(table, where, env, problems)
+        feed_tables[name] = args
+        _check_feed(args, where, problems)
+        if not problems.items:
+            args.setdefault("cursor_file", f"var/cursor-{name}.json")
+            feeds.append(FeedSettings(**args))
+
+    sftp = _sftp_sources(data.get("sftp", []), feed_tables, names, env, problems)
+    metrics_args = _metrics(data.get("metrics", {}), env, problems)
+    if "cluster" in data:
+        _check_cluster(cluster_args, problems)
+    problems.raise_if_any(source)
+    return Settings(
+        kafka=KafkaSettings(bootstrap_servers=str(servers), **kafka_args),
+        feeds=tuple(feeds),
+        metrics=MetricsSettings(**metrics_args),
+        sftp=tuple(sftp),
+        cluster=ClusterSettings(**cluster_args),
+    )
+
+
+def _kafka_args(
+    data: Mapping[str, Any],
+    env: Mapping[str, str],
+    bootstrap_servers: str | None,
+    problems: _Problems,
+) -> tuple[str | None, dict[str, Any]]:
+    """The [kafka] table checked: (bootstrap servers, the other KafkaSettings arguments)."""
+    cluster_table = data.get("cluster", {})
+    # Cluster mode changes the default cursor store (every replica reads every cursor).
+    clustered = isinstance(cluster_table, Mapping) and bool(cluster_table.get("group_id"))
     kafka_table = dict(data.get("kafka", {}))
     servers = (
         bootstrap_servers
@@ -341,44 +450,61 @@ def parse_settings(
         problems.add("kafka.producer", "must be a table of librdkafka settings")
     else:
         kafka_args["producer"] = {str(k): str(v) for k, v in producer.items()}
+        for key, value in kafka_args["producer"].items():
+            if is_secret_setting(key):
+                redact.register(value)
     _check_schema_registry(kafka_args, env, problems)
+    return servers, kafka_args
 
-    feeds: list[FeedSettings] = []
-    tables = data.get("feeds", [])
-    if not tables and not data.get("sftp"):
-        problems.add("feeds", "no [[feeds]] (or [[sftp]]) configured")
-    names: set[str] = set()
-    feed_tables: dict[str, dict[str, Any]] = {}
-    for i, table in enumerate(tables):
-        where = f"feeds[{i}]"
-        args = _take(table, FeedSettings, where, problems, _PASSWORD_KEYS)
-        name = str(args.get("name", ""))
-        where = f"feeds[{name or i}]"
-        for required in ("name", "url", "login"):
-            if not args.get(required):
-                problems.add(where, f"{required} is required")
-        if name in names:
-            problems.add(where, "two feeds share this name; each needs its own cursor and label")
-        names.add(name)
-        args["password"] = _password(table, where, env, problems)
-        feed_tables[name] = args
-        _check_feed(args, where, problems)
-        if not problems.items:
-            args.setdefault("cursor_file", f"var/cursor-{name}.json")
-            feeds.append(FeedSettings(**args))
 
-    sftp = _sftp_sources(data.get("sftp", []), feed_tables, names, env, problems)
-    metrics_args = _take(data.get("metrics", {}), MetricsSettings, "metrics", problems, set())
-    if "cluster" in data:
-        _check_cluster(cluster_args, problems)
-    problems.raise_if_any(source)
-    return Settings(
-        kafka=KafkaSettings(bootstrap_servers=str(servers), **kafka_args),
-        feeds=tuple(feeds),
-        metrics=MetricsSettings(**metrics_args),
-        sftp=tuple(sftp),
-        cluster=ClusterSettings(**cluster_args),
-    )
+def load_kafka_settings(
+    path: Path, *, env: Mapping[str, str] | None = None, bootstrap_servers: str | None = None
+) -> KafkaSettings:
+    """Only the [kafka] table of a configuration file: for tools that read the topics
+    (`cdr-streamer tail`), which need no feed and none of the feeds' passwords."""
+    env = os.environ if env is None else env
+    problems = _Problems()
+    servers, kafka_args = _kafka_args(_read_toml(path), env, bootstrap_servers, problems)
+    problems.raise_if_any(str(path))
+    return KafkaSettings(bootstrap_servers=str(servers), **kafka_args)
+
+
+_METRICS_SECRET_KEYS = {
+    "basic_auth_password", "basic_auth_password_env", "basic_auth_password_file",
+    "bearer_token", "bearer_token_env", "bearer_token_file",
+}  # fmt: skip
+
+
+def _metrics(table: Any, env: Mapping[str, str], problems: _Problems) -> dict[str, Any]:
+    """The [metrics] table: address, readiness limits, credentials and TLS files."""
+    if not isinstance(table, Mapping):
+        problems.add("metrics", "must be a table: [metrics]")
+        return {}
+    args = _take(table, MetricsSettings, "metrics", problems, _METRICS_SECRET_KEYS)
+    args.setdefault("host", env.get(METRICS_HOST_ENV) or DEFAULT_METRICS_HOST)
+    port = args.get("port", 9108)
+    if isinstance(port, int) and port > 65535:
+        problems.add("metrics.port", f"must be 0..65535, not {port}")
+    for prefix in ("basic_auth_password", "bearer_token"):
+        args[prefix] = _secret(table, prefix, "metrics", env, problems, in_file=False)
+    user, password = str(args.get("basic_auth_user", "")), args["basic_auth_password"]
+    if user and password is None:
+        problems.add(
+            "metrics.basic_auth_user", "has no password: set basic_auth_password_file or _env"
+        )
+    elif password is not None and not user:
+        problems.add("metrics.basic_auth_password", "has no user: set basic_auth_user")
+    elif password is not None:
+        redact.register_basic_auth(user, password.reveal())  # the Authorization header too
+    if args.get("auth_probes") and password is None and args["bearer_token"] is None:
+        problems.add("metrics.auth_probes", "needs basic_auth_user or bearer_token_file / _env")
+    cert, key = str(args.get("tls_cert_file", "")), str(args.get("tls_key_file", ""))
+    if bool(cert) != bool(key):
+        problems.add("metrics", "TLS needs both tls_cert_file and tls_key_file")
+    for name, path in (("tls_cert_file", cert), ("tls_key_file", key)):
+        if path and not Path(path).is_file():
+            problems.add(f"metrics.{name}", f"{path} is not a readable file")
+    return args
 
 
 def _check_cluster(args: Mapping[str, Any], problems: _Problems) -> None:
@@ -486,6 +612,39 @@ def _check_sftp(
     paired: dict[str, str],
     problems: _Problems,
 ) -> None:
+    protocol = args.get("protocol", "sftp")
+    if protocol not in ("sftp", "ftp", "ftps"):
+        problems.add(f"{where}.protocol", f"must be sftp, ftp or ftps, not {protocol!r}")
+    elif protocol == "sftp":
+        _check_sftp_login(args, where, problems)
+    else:
+        _check_ftp_login(args, where, protocol, problems)
+    port = args.get("port", 0)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        problems.add(f"{where}.port", f"must be 1..65535, not {port}")
+    elif not port:
+        implicit = protocol == "ftps" and args.get("ftps_mode") == "implicit"
+        args["port"] = FILE_PROTOCOL_PORTS.get("ftps-implicit" if implicit else protocol, 22)
+    if args.get("format", "auto") not in ("auto", "csv", "txt", "pipe", "json"):
+        problems.add(f"{where}.format", "must be one of auto, csv, txt (tab), pipe, json")
+    _check_encoding(args, where, problems)
+    try:
+        parse_after(str(args.get("after", "keep")))
+    except ValueError as exc:
+        problems.add(f"{where}.after", str(exc))
+    if not float(args.get("poll_interval_s", 60.0)) > 0:
+        problems.add(f"{where}.poll_interval_s", "must be more than 0")
+    if not int(args.get("max_decompressed_bytes", MAX_DECOMPRESSED_BYTES)) > 0:
+        problems.add(f"{where}.max_decompressed_bytes", "must be more than 0")
+    _at_least_1(args, "max_file_bytes", where, problems)
+    _check_pairing(args, where, feeds, paired, problems)
+
+
+def _check_sftp_login(args: dict[str, Any], where: str, problems: _Problems) -> None:
+    """SFTP: a password or a key, and the host key to check the server by."""
+    for key in ("ftps_mode", "ca_file", "tls_verify", "passive"):
+        if key in args:
+            problems.add(f"{where}.{key}", 'only for protocol = "ftp" or "ftps"')
     key_file = str(args.get("key_file", ""))
     if args.get("password") is None and not key_file:
         problems.add(
@@ -505,17 +664,42 @@ def _check_sftp(
             f"{known_hosts} does not exist: put the server's host key there (checked with "
             "the provider), or set trust_unknown_host_key = true to record it on first contact",
         )
-    port = args.get("port", 22)
-    if isinstance(port, int) and not 1 <= port <= 65535:
-        problems.add(f"{where}.port", f"must be 1..65535, not {port}")
-    if args.get("format", "auto") not in ("auto", "csv", "txt", "pipe", "json"):
-        problems.add(f"{where}.format", "must be one of auto, csv, txt (tab), pipe, json")
-    try:
-        parse_after(str(args.get("after", "keep")))
-    except ValueError as exc:
-        problems.add(f"{where}.after", str(exc))
-    if not float(args.get("poll_interval_s", 60.0)) > 0:
-        problems.add(f"{where}.poll_interval_s", "must be more than 0")
+
+
+def _check_ftp_login(
+    args: dict[str, Any], where: str, protocol: str, problems: _Problems
+) -> None:
+    """FTP and FTPS: a password, and (FTPS) how to speak TLS and whom to trust."""
+    for key in ("key_file", "key_passphrase", "known_hosts", "trust_unknown_host_key"):
+        if args.get(key) not in (None, "", False):
+            problems.add(f"{where}.{key}", 'only for protocol = "sftp" (FTP logs in by password)')
+    if args.get("password") is None:
+        problems.add(
+            where,
+            "no password: set password_env (an environment variable's name) or password_file",
+        )
+    if protocol == "ftp":
+        for key in ("ftps_mode", "ca_file", "tls_verify"):
+            if key in args:
+                problems.add(f"{where}.{key}", 'only for protocol = "ftps"')
+        return
+    if args.get("ftps_mode", "explicit") not in ("explicit", "implicit"):
+        problems.add(f"{where}.ftps_mode", "must be 'explicit' (AUTH TLS) or 'implicit'")
+    ca_file = str(args.get("ca_file", ""))
+    if ca_file:
+        path = Path(ca_file).expanduser()
+        args["ca_file"] = str(path)
+        if not path.is_file():
+            problems.add(f"{where}.ca_file", f"{ca_file} is not a readable file")
+
+
+def _check_pairing(
+    args: dict[str, Any],
+    where: str,
+    feeds: Mapping[str, Mapping[str, Any]],
+    paired: dict[str, str],
+    problems: _Problems,
+) -> None:
     feed = str(args.get("pairs_with_feed", ""))
     if feed:
         if feed not in feeds:
@@ -545,6 +729,8 @@ def _check_schema_registry(
         problems.add("kafka.schema_registry_password", f"not in the file: {hint}")
     password = env.get(SCHEMA_REGISTRY_PASSWORD_ENV, "")
     args["schema_registry_password"] = Secret(password)
+    # The Authorization header made of it, should a registry or proxy echo it back.
+    redact.register_basic_auth(str(args.get("schema_registry_user", "")), password)
     # One URL or several, comma separated; mock:// is confluent-kafka's in-process mock (tests).
     for url in filter(None, str(args.get("schema_registry_url", "")).split(",")):
         parts = urlsplit(url.strip())
@@ -554,6 +740,32 @@ def _check_schema_registry(
             problems.add("kafka.schema_registry_url", f"must not carry credentials: {hint}")
     if args.get("schema_registry_user") and not password:
         problems.add("kafka.schema_registry_user", f"has no password: {hint}")
+
+
+def _at_least_1(args: Mapping[str, Any], key: str, where: str, problems: _Problems) -> None:
+    value = args.get(key)
+    # A value of the wrong type is reported by _take already.
+    if isinstance(value, int | float) and not isinstance(value, bool) and value < 1:
+        problems.add(f"{where}.{key}", f"must be at least 1, not {value!r}")
+
+
+# Other spellings of the same codecs, as Python and the WHATWG encoding standard know them.
+_ENCODING_ALIASES = {
+    "utf8": "utf-8", "windows-1252": "cp1252", "latin1": "latin-1", "iso-8859-1": "latin-1",
+}  # fmt: skip
+
+
+def _check_encoding(args: dict[str, Any], where: str, problems: _Problems) -> None:
+    encoding = str(args.get("encoding", "utf-8")).strip().lower()
+    encoding = _ENCODING_ALIASES.get(encoding, encoding)
+    if encoding not in ENCODING_NAMES:
+        problems.add(
+            f"{where}.encoding",
+            "must be one of utf-8, cp1252 (Windows-1252), latin-1 (ISO-8859-1), or auto "
+            "(UTF-8, and a row that is not UTF-8 read as cp1252)",
+        )
+    elif "encoding" in args:
+        args["encoding"] = encoding
 
 
 def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
@@ -571,6 +783,10 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
         problems.add(f"{where}.url", "must not carry a query string: parameters are sent by us")
     if args.get("format", "csv") not in ("csv", "txt", "pipe", "json"):
         problems.add(f"{where}.format", "must be one of csv, txt (tab), pipe, json")
+    ca_file = args.get("ca_file")
+    if isinstance(ca_file, str) and ca_file and not Path(ca_file).is_file():
+        problems.add(f"{where}.ca_file", f"{ca_file} is not a readable file")
+    _check_encoding(args, where, problems)
     if args.get("method", "POST") not in ("POST", "GET"):
         problems.add(f"{where}.method", "must be POST or GET")
     if args.get("callsonly") and args.get("servicesonly"):
@@ -594,20 +810,27 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
         ZoneInfo(zone)
     except (ValueError, ZoneInfoNotFoundError):
         problems.add(f"{where}.timezone", f"{zone!r} is not a time zone name (Pacific/Auckland)")
+    _at_least_1(args, "max_body_bytes", where, problems)
+    _at_least_1(args, "max_expansion_ratio", where, problems)
 
 
 def load_settings(
     path: Path, *, env: Mapping[str, str] | None = None, bootstrap_servers: str | None = None
 ) -> Settings:
     """Read a TOML configuration file."""
+    return parse_settings(
+        _read_toml(path), env=env, source=str(path), bootstrap_servers=bootstrap_servers
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
-    return parse_settings(data, env=env, source=str(path), bootstrap_servers=bootstrap_servers)
 
 
 def check_backfill_window(day: date | None, hour: int | None) -> None:

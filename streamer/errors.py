@@ -9,6 +9,7 @@
     |   +-- FencedError               another instance took over our transactional id
     |   +-- RegistryError             the schema registry refused our credentials or schema
     |   +-- HostKeyError              the SFTP server's host key is unknown or does not match
+    |       +-- TlsCertificateError   the FTPS server's certificate is not trusted
     |   +-- ClusterError              the replica cannot take part in its cluster's consumer group
     +-- RetriableError                back off, leave the cursor where it is, try again
         +-- FeedUnavailableError      connection trouble, timeout, 5xx, 429
@@ -17,20 +18,28 @@
         |   +-- MessagesRejectedError Kafka refused some messages for what they are
         +-- EventsRejectedError       some events of a transaction were refused: replay it
         +-- RegistryUnavailableError  the schema registry is unreachable, 5xx or 429
-        +-- SftpUnavailableError      the SFTP server is unreachable, times out or drops us
+        +-- SftpUnavailableError      the SFTP (or FTP) server is unreachable, times out or drops us
         +-- StoppedError              asked to stop mid-poll (a handover): its batch not committed
 
 A single bad *row* is not an exception: it becomes a `records.Rejection`, goes to
 the dead-letter topic and is counted (the "skippable" class of errors).
+
+Every message is redacted when the error is made (`streamer.redact`): an excerpt of a
+body that echoes the request never carries a password, wherever the error is shown.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from streamer.redact import redact
+
 
 class StreamerError(Exception):
-    """Root of every error cdr-streamer raises on purpose."""
+    """Root of every error cdr-streamer raises on purpose; its text never holds a secret."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class FatalError(StreamerError):
@@ -63,6 +72,10 @@ class RegistryError(FatalError):
 
 class HostKeyError(FatalError):
     """The SFTP server's host key is not in known_hosts, or differs from the one there."""
+
+
+class TlsCertificateError(HostKeyError):
+    """The FTPS server's TLS certificate does not verify against the CAs or its host name."""
 
 
 class ClusterError(FatalError):
@@ -130,7 +143,7 @@ class RegistryUnavailableError(RetriableError):
 
 
 class SftpUnavailableError(RetriableError):
-    """The SFTP server could not be reached, timed out, or closed the connection."""
+    """The SFTP or FTP server could not be reached, timed out, or closed the connection."""
 
     def __init__(self, message: str, *, kind: str = "connection_error") -> None:
         super().__init__(message)

@@ -3,13 +3,14 @@
 `parse_rows` takes the response body as an iterable of byte chunks, split anywhere
 (even inside a UTF-8 character or a quoted field), and yields one `Row` or
 `Rejection` per record while it reads: it never holds more than about one record,
-so memory does not grow with the size of the response.
+so memory does not grow with the size of the response, nor with the size of a row.
 
 Decisions the provider's spec leaves open:
 
 * No records: an empty body, a body of whitespace only, a header row only (with
-  or without trailing blank lines) and an empty JSON array (``[]``, any
-  whitespace) yield nothing and raise nothing.
+  or without trailing blank lines), an empty JSON array (``[]``, any whitespace)
+  and JSON ``null`` (what PHP's json_encode makes of an empty result) yield
+  nothing and raise nothing.
 * Header: the first record of a delimited body is a header when more than half
   of its cells are documented field names (trimmed, any case, BOM removed).  A
   header must then name all 26 fields exactly once, in any order (else
@@ -17,34 +18,53 @@ Decisions the provider's spec leaves open:
   have the 26 fields in the documented order, and a first record that has not
   is no feed response at all (``not_feed``), while a later one is a row
   rejection (``wrong_field_count``).
-* Truncation: the body is ``truncated`` when it ends inside a quoted field, or
-  when its last line has no line end and fewer fields than the header (a header
-  cut short is truncated too).  A last line without a line end that has the
-  full field count is accepted as a row: it is indistinguishable from a body
-  whose writer left off the final newline (a cut inside the last field goes
-  unnoticed; the typing stage still checks that field).  A JSON array must be
-  closed with ``]``.
+* Truncation: the body is ``truncated`` when it ends inside a quoted field that
+  started on a line which is not a whole row, or when its last line has no line
+  end and fewer fields than the header (a header cut short is truncated too).  A
+  last line without a line end that has the full field count is accepted as a
+  row: it is indistinguishable from a body whose writer left off the final
+  newline (a cut inside the last field goes unnoticed; the typing stage still
+  checks that field).  A JSON array must be closed with ``]``.
+* Resynchronising: one broken record costs one rejection, never the response.
+  A delimited line whose opening quote never closes (the next line is a row of
+  its own: read alone, it has the row's fields, an ID, and quotes only around
+  quoted fields; or the body ends after this line, which has every field) is
+  ``unclosed_quote`` and reading resumes at the next line; quoted fields that
+  legitimately hold line ends (csv.writer and PHP's fputcsv write them, in every
+  dialect) read as before: the line after such a line end holds the field's
+  closing quote inside a cell.  A JSON array element that is not valid JSON, or junk
+  between elements, is ``bad_json_element`` and reading resumes at the next
+  element: the next ``}`` followed by ``,`` and ``{`` (or by the closing ``]``).
+  If there is none, the whole body fails (``bad_json``).
 * Line ends: LF, CRLF and lone CR, as the csv module's documentation asks
   (``newline=''``).  Blank and whitespace-only lines between rows are skipped;
   a line of whitespace with the full field count (say 25 tabs) is a row.
-* Encoding: UTF-8 with an optional BOM.  Bytes that are not UTF-8 are decoded
-  with ``surrogateescape``, so decoding never raises and the line and quote
+* Encoding (`ENCODINGS`): ``utf-8`` (the default; an optional BOM), ``cp1252``,
+  ``latin-1``, or ``auto``: UTF-8, and a row (JSON element) that is not UTF-8
+  is read as cp1252, that row alone.  Bytes that do not decode are kept with
+  ``surrogateescape``, so decoding never raises and the line and quote
   structure around them survives; a record containing them becomes a
-  ``bad_encoding`` rejection whose raw text is those bytes decoded with
-  ``errors="replace"``, so raw text is always valid Unicode.  A JSON ``\\u``
-  escape that yields a lone surrogate is ``bad_encoding`` too, since it cannot
-  be written as UTF-8.
-* Limits: a record or JSON element of `MAX_RECORD_CHARS` characters or more,
-  or a delimited field longer than ``csv.field_size_limit()`` (an unclosed
-  quote, usually), is ``not_feed``: no billing row is that long, and the limit
-  is what keeps memory bounded.
+  ``bad_encoding`` rejection.  A rejection's ``raw`` is always valid Unicode
+  (undecodable bytes as U+FFFD) and its ``raw_bytes`` (or, for a row, ``raw``
+  encoded with its ``codec``) are the original bytes, so a dead letter can be
+  replayed exactly.  A JSON ``\\u`` escape that yields a lone surrogate is
+  ``bad_encoding`` too, since it cannot be written as text.
+* Limits: a record of `MAX_RECORD_CHARS` characters or more, or a delimited
+  field longer than ``csv.field_size_limit()``, is one ``row_too_long``
+  rejection holding the record's first `records.MAX_ROW_CHARS` characters and
+  its length; the parser skips the rest while counting it (to the line end, or
+  to the end of the JSON element as above), so memory stays bounded however
+  long it is.  Only a first delimited record without a readable ID is
+  ``not_feed`` instead: that is no feed response.
 * JSON values: strings as they are, numbers as their exact source text, null as
   "", true and false as "1" and "0" (NaN and Infinity as their text).  Keys are
   matched by name, then case-insensitively; unknown keys are ignored; a missing
   documented key is ``missing_field``; an element that is not an object, or a
-  field holding an object or array, is ``bad_json``.  A syntax error inside the
-  array, or data after its ``]``, fails the whole body (``bad_json``): there is
-  no way to find the next element again.
+  field holding an object or array, is ``bad_json``.  A comma before the
+  closing ``]``, data after it, or nesting too deep fail the whole body
+  (``bad_json``).  A first element that is an object with keys but none of the
+  documented ones (``[{"error": ...}]``) is no feed response at all
+  (``not_feed``): an error object, which may echo the request.
 
 `BadResponseError` is raised when the problem is detected, so rows before it
 have already been yielded; the caller must not advance its cursor past a body
@@ -61,23 +81,44 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
 from streamer.errors import BadResponseError
-from streamer.records import FIELDS, Rejection, Row
+from streamer.records import FIELDS, MAX_ROW_CHARS, Rejection, Row, row_class
+from streamer.redact import excerpt
 
 FORMATS: dict[str, str] = {"csv": ",", "txt": "\t", "pipe": "|"}
 FORMAT_NAMES: tuple[str, ...] = ("csv", "txt", "pipe", "json")
+ENCODINGS: tuple[str, ...] = ("utf-8", "cp1252", "latin-1", "auto")
 
 # Far above any billing row (a few hundred characters), far below trouble.
 MAX_RECORD_CHARS = 1 << 20
 
-_EXCERPT_CHARS = 80
+# How each encoding setting decodes a body, and the codec a row's raw text encodes back with.
+_BODY_CODECS = {"utf-8": "utf-8-sig", "cp1252": "cp1252", "latin-1": "latin-1", "auto": "utf-8-sig"}
+_ROW_CODECS = {"utf-8": "utf-8", "cp1252": "cp1252", "latin-1": "latin-1", "auto": "utf-8"}
+_FALLBACK_CODEC = "cp1252"  # `auto`: a row that is not UTF-8 is read as Windows-1252
+_FallbackRow = row_class(_FALLBACK_CODEC)
+_ROW_TYPES = {encoding: row_class(codec) for encoding, codec in _ROW_CODECS.items()}
+_NOT_TEXT = {
+    "utf-8": "not valid UTF-8",
+    "cp1252": "not valid cp1252",
+    "latin-1": "not valid Latin-1",  # cannot happen: Latin-1 decodes every byte
+    "auto": "neither UTF-8 nor cp1252",
+}
+
+_EXCERPT_CHARS = 80  # error messages show this much of a body; streamer.redact knows the cut
 # surrogateescape turns each undecodable byte into U+DC80..U+DCFF; a JSON \u escape
 # can give any lone surrogate.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _JSON_WS = re.compile(r"[ \t\n\r]*")
+# Where the next JSON array element starts, as far as it can be told without parsing
+# the one before it: a "}" followed by "," and "{" (or by the closing "]").
+_JSON_BOUNDARY = re.compile(r"\}[ \t\n\r]*(?:,[ \t\n\r]*(?=\{)|(?=\]))")
+_JSON_ID = re.compile(r'"ID"[ \t\n\r]*:[ \t\n\r]*"?[ \t]*([0-9]{1,18})[ \t]*[",}\s]')
 _BY_LOWER_NAME: dict[str, str] = {name.lower(): name for name in FIELDS}
 _FIELD_SET = frozenset(FIELDS)
 _DECODER = json.JSONDecoder(parse_float=str, parse_int=str, parse_constant=str, strict=False)
@@ -89,30 +130,51 @@ _JSON_NUMBER_GOES_ON = _JSON_NUMBER_TAILS | {""}
 _JSON_UNICODE_TAIL = re.compile(r"u[0-9a-fA-F]{0,4}\Z")
 
 
-def parse_rows(chunks: Iterable[bytes], fmt: str) -> Iterator[Row | Rejection]:
+def parse_rows(
+    chunks: Iterable[bytes], fmt: str, encoding: str = "utf-8"
+) -> Iterator[Row | Rejection]:
     """Yield a `Row` or `Rejection` per record of a feed body in format `fmt`.
 
-    Raises `BadResponseError` (when it is detected) if the body is not a feed
-    response, and `ValueError` at once for a format not in `FORMAT_NAMES`.
+    `encoding` is one of `ENCODINGS`. Raises `BadResponseError` (when it is detected)
+    if the body is not a feed response, and `ValueError` at once for a format not in
+    `FORMAT_NAMES` or an encoding not in `ENCODINGS`.
     """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
     if fmt == "json":
-        return _parse_json(chunks)
+        return _parse_json(chunks, encoding)
     try:
         delimiter = FORMATS[fmt]
     except KeyError:
         raise ValueError(f"unknown feed format {fmt!r}; expected one of {FORMAT_NAMES}") from None
-    return _parse_delimited(chunks, delimiter)
+    return _parse_delimited(chunks, delimiter, encoding)
 
 
-def _excerpt(text: str) -> str:
-    """The start of `text`, quoted and escaped so it is printable in a message."""
-    more = "..." if len(text) > _EXCERPT_CHARS else ""
-    return repr(text[:_EXCERPT_CHARS]) + more
+def _excerpt(text: str, start: int = 0) -> str:
+    """`text` from `start`, quoted, escaped and cut short for a message (`...` marks a cut)."""
+    return excerpt(text, start, _EXCERPT_CHARS)
 
 
-def _replaced(text: str) -> str:
-    """Text decoded with surrogateescape, as errors="replace" would have decoded it."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+def _rejection(
+    reason: str,
+    detail: str,
+    text: str,
+    cdr_id: int | None,
+    encoding: str,
+    raw_chars: int | None = None,
+) -> Rejection:
+    """A rejection of source `text` (decoded with surrogateescape): valid Unicode, bytes kept."""
+    codec = _ROW_CODECS[encoding]
+    if text.isascii():
+        return Rejection(reason, detail, text, cdr_id, None, raw_chars)
+    undecodable = _SURROGATE.search(text) is not None
+    if codec == "utf-8" and not undecodable:
+        return Rejection(reason, detail, text, cdr_id, None, raw_chars)
+    data = text.encode(codec, "surrogateescape")
+    if undecodable:
+        # The best effort for people; the bytes themselves go along for a replay.
+        text = data.decode(_FALLBACK_CODEC if encoding == "auto" else codec, "replace")
+    return Rejection(reason, detail, text, cdr_id, data, raw_chars)
 
 
 def _id_of(text: object) -> int | None:
@@ -131,6 +193,10 @@ def _too_long(text: str) -> BadResponseError:
         f"starting {_excerpt(text)}",
         reason="not_feed",
     )
+
+
+def _too_long_detail(chars: int) -> str:
+    return f"row of {chars} characters (at most {MAX_ROW_CHARS}); reading resumed after it"
 
 
 # --- delimited formats ------------------------------------------------------------
@@ -168,38 +234,166 @@ class _ChunkStream(io.BufferedIOBase):
         return self.read1(-1 if size is None else size)
 
 
+class _ResyncError(Exception):
+    """Internal: the record being read is `rejection`; reading resumes at `pushback`, then on."""
+
+    def __init__(self, rejection: Rejection, pushback: list[str]) -> None:
+        super().__init__(rejection.reason)
+        self.rejection = rejection
+        self.pushback = pushback
+
+
+def _cells_of(text: str, delimiter: str) -> list[str]:
+    """The cells of the first record of `text` read on its own (the rare paths only)."""
+    try:
+        return next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
+    except csv.Error:
+        return []
+
+
 class _LineSource:
     """Decoded lines for csv.reader, keeping the ones the current record is made of.
 
     csv.reader pulls lines lazily and never reads ahead, so the lines pulled since
-    the last record are exactly the source text of the next one.
+    the last record are exactly the source text of the next one. A line pulled while
+    `taken` holds lines is a quoted field's continuation; if it is a row of its own (or
+    starts one), the quote was never closed, and the record is cut short there
+    (`_ResyncError`). A record reaching MAX_RECORD_CHARS is cut short too, the rest of
+    its line skipped. After either, `lines()` starts again with a new csv.reader.
     """
 
-    __slots__ = ("_chunks", "ended", "taken")
+    __slots__ = (
+        "_readline", "codec", "delimiter", "encoding", "ended", "id_index", "pushback",
+        "started", "taken", "width",
+    )  # fmt: skip
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._chunks = chunks
-        self.taken: list[str] = []
-        # Set when csv.reader asks for a line past the end: only inside a quoted field.
-        self.ended = False
-
-    def lines(self) -> Iterator[str]:
+    def __init__(self, chunks: Iterable[bytes], delimiter: str, encoding: str) -> None:
         text = io.TextIOWrapper(
-            _ChunkStream(self._chunks),
-            encoding="utf-8-sig",
+            _ChunkStream(chunks),
+            encoding=_BODY_CODECS[encoding],
             errors="surrogateescape",
             newline="",
         )
-        readline = text.readline
+        self._readline = partial(text.readline, MAX_RECORD_CHARS)
+        self.delimiter = delimiter
+        self.encoding = encoding
+        self.codec = _ROW_CODECS[encoding]
+        self.taken: list[str] = []
+        self.pushback: list[str] = []  # lines to read again before the body's next ones
+        # Set when csv.reader asks for a line past the end: only inside a quoted field.
+        self.ended = False
+        # The layout's, once known (`started`): what a whole row is.
+        self.started = False
+        self.width = len(FIELDS)
+        self.id_index = 0
+
+    def lines(self) -> Iterator[str]:
+        readline = iter(self._readline, "")
+        pending, self.pushback = self.pushback, []
         taken = self.taken
         size = 0
-        while line := readline(MAX_RECORD_CHARS):
-            size = size + len(line) if taken else len(line)
-            if size >= MAX_RECORD_CHARS:
-                raise _too_long("".join(taken) + line)
+        for line in chain(pending, readline) if pending else readline:
+            if taken:
+                size += len(line)
+                if size >= MAX_RECORD_CHARS:
+                    raise self.cut_long(line)
+                if self._starts_row(line):
+                    raise _ResyncError(self._unclosed(), [line])
+            else:
+                size = len(line)
+                if size >= MAX_RECORD_CHARS:
+                    raise self.cut_long(line)
             taken.append(line)
             yield line
         self.ended = True
+
+    def _starts_row(self, line: str) -> bool:
+        """Whether `line` read on its own is a clean row, or most of one cut in quotes.
+
+        Clean: an ID where the layout has it, and a quote only around a quoted field (a
+        quoted field's continuation holds its closing quote in the middle of a cell).
+        Cut in quotes: a later field holds a line end; half the row must come before it.
+        """
+        cells = _cells_of(line, self.delimiter)
+        if len(cells) <= self.id_index or _id_of(cells[self.id_index]) is None:
+            return False
+        # Read alone, a line that ends inside quotes keeps its line end in its last cell.
+        if cells[-1].endswith(("\n", "\r")):
+            whole = self.width // 2 <= len(cells) < self.width
+            cells = cells[:-1]
+        else:
+            whole = len(cells) == self.width
+        return whole and all(
+            '"' not in cell or '"' + cell.replace('"', '""') + '"' in line for cell in cells
+        )
+
+    def cdr_id_of(self, text: str) -> int | None:
+        """The ID of the record `text` starts with, read on its own, if it is readable."""
+        cells = _cells_of(text, self.delimiter)
+        return _id_of(cells[self.id_index]) if self.id_index < len(cells) else None
+
+    def _unclosed(self) -> Rejection:
+        return _rejection(
+            "unclosed_quote",
+            "a quoted field is not closed before the next row; reading resumed there",
+            "".join(self.taken).rstrip("\r\n"),
+            self.cdr_id_of(self.taken[0]),
+            self.encoding,
+        )
+
+    def cut_long(self, line: str = "") -> _ResyncError:
+        """The record so far (`taken` and `line`) is too long: skip to its end, counting.
+
+        Its end is a line end outside quotes (an even count of quotes so far: csv
+        doubles a quote inside a field), or a line that starts a row of its own.
+        """
+        text = "".join(self.taken) + line
+        chars = len(text)
+        head = text[:MAX_ROW_CHARS]
+        quotes = text.count('"')
+        del text
+        cdr_id = self.cdr_id_of(head)
+        if cdr_id is None and not self.started:
+            raise _too_long(head)  # a first record without an ID: this is no feed response
+        pushback = []
+        last = line or self.taken[-1]
+        while last[-1] not in "\r\n" or quotes % 2:
+            more = self._readline()
+            if not more:
+                break
+            if last[-1] in "\r\n" and self._starts_row(more):
+                pushback.append(more)
+                break
+            quotes += more.count('"')
+            chars += len(more)
+            last = more
+        chars -= len(last) - len(last.rstrip("\r\n"))
+        rejection = _rejection(
+            "row_too_long", _too_long_detail(chars), head.rstrip("\r\n"), cdr_id, self.encoding,
+            raw_chars=chars,
+        )  # fmt: skip
+        return _ResyncError(rejection, pushback)
+
+    def unclosed_at_end(self) -> Rejection | None:
+        """At the body's end inside quotes: a rejection if the quote's line is a whole row.
+
+        Such a line has its line end and at least the row's field count when its quote
+        is taken literally; a body cut short inside a quoted field has not. The lines
+        after it are read again.
+        """
+        first = self.taken[0]
+        line = first.rstrip("\r\n")
+        if len(line) == len(first) or line.count(self.delimiter) + 1 < self.width:
+            return None
+        self.pushback = self.taken[1:]
+        self.ended = False
+        return _rejection(
+            "unclosed_quote",
+            "a quoted field is not closed before the end of the body",
+            line,
+            self.cdr_id_of(first),
+            self.encoding,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +453,17 @@ def _ends_in_quotes(raw: str) -> BadResponseError:
     )
 
 
-def _misfit(cells: list[str], raw: str, terminated: bool, layout: _Layout) -> Rejection | None:
+def _fallback_text(raw: str, encoding: str) -> str | None:
+    """`auto`: a row that is not UTF-8 read as cp1252 instead; None if that fails too."""
+    if encoding != "auto":
+        return None
+    text = raw.encode("utf-8", "surrogateescape").decode(_FALLBACK_CODEC, "surrogateescape")
+    return None if _SURROGATE.search(text) else text
+
+
+def _misfit(
+    cells: list[str], raw: str, terminated: bool, layout: _Layout, encoding: str
+) -> Rejection | None:
     """A row with the wrong number of cells (the rare path); None for a whitespace line."""
     if raw.isspace():
         return None
@@ -270,65 +474,105 @@ def _misfit(cells: list[str], raw: str, terminated: bool, layout: _Layout) -> Re
             f"{layout.width} fields: {_excerpt(raw)}",
             reason="truncated",
         )
-    if not raw.isascii() and _SURROGATE.search(raw):
-        return Rejection("bad_encoding", "the row is not valid UTF-8", _replaced(raw), cdr_id)
-    return Rejection(
-        "wrong_field_count",
-        f"{len(cells)} fields, expected {layout.width}",
-        raw,
-        cdr_id,
-    )
+    if not raw.isascii() and _SURROGATE.search(raw) and _fallback_text(raw, encoding) is None:
+        detail = f"the row is {_NOT_TEXT[encoding]}"
+        return _rejection("bad_encoding", detail, raw, cdr_id, encoding)
+    detail = f"{len(cells)} fields, expected {layout.width}"
+    return _rejection("wrong_field_count", detail, raw, cdr_id, encoding)
 
 
-def _parse_delimited(chunks: Iterable[bytes], delimiter: str) -> Iterator[Row | Rejection]:
-    source = _LineSource(chunks)
+def _undecodable(cells: list[str], raw: str, layout: _Layout, encoding: str) -> Row | Rejection:
+    """A whole row with bytes that did not decode: `auto` reads it as cp1252, else rejected."""
+    text = _fallback_text(raw, encoding)
+    if text is not None:
+        # The same cells: every byte that can be a delimiter, quote or line end is ASCII,
+        # which both codecs decode alike, so only the non-ASCII text in cells changes.
+        fixed = [c.encode("utf-8", "surrogateescape").decode(_FALLBACK_CODEC) for c in cells]
+        kept = fixed if layout.pick is None else layout.pick(fixed)
+        return _FallbackRow(dict(zip(layout.names, kept, strict=True)), text)
+    cdr_id = _id_of(cells[layout.id_index])
+    return _rejection("bad_encoding", f"the row is {_NOT_TEXT[encoding]}", raw, cdr_id, encoding)
+
+
+def _parse_delimited(
+    chunks: Iterable[bytes], delimiter: str, encoding: str
+) -> Iterator[Row | Rejection]:
+    source = _LineSource(chunks, delimiter, encoding)
     taken = source.taken
-    reader = csv.reader(source.lines(), delimiter=delimiter)
+    make_row = row_class(source.codec)
     layout: _Layout | None = None
-    try:
-        for cells in reader:
-            text = taken[0] if len(taken) == 1 else "".join(taken)
-            taken.clear()
-            if not cells:  # a blank line
-                continue
-            # A line can hold CR or LF only at its end, and a record's last line ends
-            # with its line end (or nothing), so this strips exactly the line end.
-            raw = text.rstrip("\r\n")
-            if layout is None:
-                if raw.isspace():
+    while True:
+        reader = csv.reader(source.lines(), delimiter=delimiter)
+        try:
+            for cells in reader:
+                text = taken[0] if len(taken) == 1 else "".join(taken)
+                if source.ended:
+                    # The body ends inside a quoted field: a quote never closed, or a cut.
+                    unclosed = source.unclosed_at_end()
+                    taken.clear()
+                    if unclosed is not None:
+                        yield unclosed
+                        break  # read the lines after it again, with a new reader
+                    if layout is not None:
+                        raise _ends_in_quotes(text.rstrip("\r\n"))
+                else:
+                    taken.clear()
+                if not cells:  # a blank line
                     continue
-                first = _first_layout(cells, raw, len(raw) != len(text), source.ended)
-                if first is not None:
-                    layout = first
+                # A line can hold CR or LF only at its end, and a record's last line ends
+                # with its line end (or nothing), so this strips exactly the line end.
+                raw = text.rstrip("\r\n")
+                if layout is None:
+                    if raw.isspace():
+                        continue
+                    first = _first_layout(cells, raw, len(raw) != len(text), source.ended)
+                    source.started = True
+                    if first is not None:
+                        layout = first
+                        source.width, source.id_index = layout.width, layout.id_index
+                        continue
+                    if source.ended:
+                        raise _ends_in_quotes(raw)
+                    layout = _DOCUMENTED
+                if len(cells) != layout.width:
+                    rejection = _misfit(cells, raw, len(raw) != len(text), layout, encoding)
+                    if rejection is not None:
+                        yield rejection
                     continue
-                layout = _DOCUMENTED
-            if source.ended:
-                raise _ends_in_quotes(raw)
-            if len(cells) != layout.width:
-                rejection = _misfit(cells, raw, len(raw) != len(text), layout)
-                if rejection is not None:
-                    yield rejection
-                continue
-            if not raw.isascii() and _SURROGATE.search(raw):
-                cdr_id = _id_of(cells[layout.id_index])
-                yield Rejection(
-                    "bad_encoding", "the row is not valid UTF-8", _replaced(raw), cdr_id
-                )
-                continue
-            if layout.pick is None:
-                yield Row(dict(zip(layout.names, cells, strict=True)), raw)
+                if not raw.isascii() and _SURROGATE.search(raw):
+                    yield _undecodable(cells, raw, layout, encoding)
+                    continue
+                if layout.pick is None:
+                    yield make_row(dict(zip(layout.names, cells, strict=True)), raw)
+                else:
+                    yield make_row(dict(zip(layout.names, layout.pick(cells), strict=True)), raw)
             else:
-                yield Row(dict(zip(layout.names, layout.pick(cells), strict=True)), raw)
-    except csv.Error as exc:
-        # Only a field over csv.field_size_limit() gets here: the reader is not strict.
-        raise BadResponseError(
-            f"not a billing feed response: {exc} (an unclosed quote?) after "
-            f"{_excerpt(''.join(taken))}",
-            reason="not_feed",
-        ) from exc
+                return
+        except _ResyncError as resync:
+            taken.clear()
+            source.pushback = resync.pushback
+            yield resync.rejection
+        except csv.Error as exc:
+            # Only a field over csv.field_size_limit() gets here: the reader is not strict.
+            # Its line was read whole already; the record is skipped to its end.
+            head = "".join(taken)[:MAX_ROW_CHARS]
+            if not source.started and source.cdr_id_of(head) is None:
+                raise BadResponseError(
+                    f"not a billing feed response: {exc} (an unclosed quote?) after "
+                    f"{_excerpt(head)}",
+                    reason="not_feed",
+                ) from exc
+            cut = source.cut_long()
+            taken.clear()
+            source.pushback = cut.pushback
+            yield cut.rejection
 
 
 # --- JSON -------------------------------------------------------------------------
+
+
+class _TooLongError(Exception):
+    """Internal: the element being read reached MAX_RECORD_CHARS."""
 
 
 class _JsonText:
@@ -336,9 +580,10 @@ class _JsonText:
 
     __slots__ = ("_chunks", "_decode", "buf", "eof", "pos")
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
+    def __init__(self, chunks: Iterable[bytes], encoding: str) -> None:
         self._chunks = iter(chunks)
-        self._decode = codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape").decode
+        decoder = codecs.getincrementaldecoder(_BODY_CODECS[encoding])
+        self._decode = decoder(errors="surrogateescape").decode
         self.buf = ""
         self.pos = 0
         self.eof = False
@@ -346,10 +591,14 @@ class _JsonText:
     def pull(self, at_least: int = 1) -> bool:
         """Append `at_least` more characters (fewer at the end), dropping `buf[:pos]`.
 
-        False when the body has no more text.
+        False when the body has no more text; `_TooLongError` when `buf[pos:]` is
+        MAX_RECORD_CHARS long already.
         """
         if len(self.buf) - self.pos >= MAX_RECORD_CHARS:
-            raise _too_long(self.buf[self.pos :])
+            raise _TooLongError
+        return self._read(at_least)
+
+    def _read(self, at_least: int) -> bool:
         parts = [self.buf[self.pos :]]
         added = 0
         while added < at_least and not self.eof:
@@ -382,7 +631,46 @@ class _JsonText:
 
     def excerpt(self, before: int = 0) -> str:
         """The text from `before` characters ahead of `pos`, for a message."""
-        return _excerpt(self.buf[max(0, self.pos - before) :])
+        return _excerpt(self.buf, max(0, self.pos - before))
+
+    def skip(self) -> tuple[str, int] | None:
+        """Skip from `pos` to the next element boundary (`_JSON_BOUNDARY`), holding little.
+
+        Returns the start of the skipped text (at most MAX_ROW_CHARS) and its length,
+        with `pos` at the next element or the closing `]`; None (all skipped) if the
+        body ends first.
+        """
+        head: list[str] = []
+        kept = skipped = 0
+        start = self.pos
+        while True:
+            buf = self.buf
+            match = _JSON_BOUNDARY.search(buf, start)
+            if match:
+                end = match.start() + 1
+            else:
+                # A boundary can still begin at the last "}": kept for the next search.
+                end = buf.rfind("}", start)
+                if end < 0 or len(buf) - end > MAX_RECORD_CHARS:
+                    end = len(buf)
+            if kept < MAX_ROW_CHARS:
+                head.append(buf[self.pos : min(end, self.pos + MAX_ROW_CHARS - kept)])
+                kept += len(head[-1])
+            skipped += end - self.pos
+            self.pos = end
+            if match:
+                self.pos = match.end()
+                return "".join(head), skipped
+            if not self._read(1):
+                return None
+            start = 0
+
+    def after_skip(self) -> str | None:
+        """The next element's first character after `skip`, consuming a closing `]`."""
+        char = self.next_char()
+        if char == "]":
+            self.pos += 1
+        return char
 
 
 def _cut_short(exc: json.JSONDecodeError, buf: str) -> bool:
@@ -429,37 +717,75 @@ def _json_text(value: object) -> str:
     raise _NotAValueError(_json_kind(value))
 
 
-def _json_row(element: object, raw: str) -> Row | Rejection:
+def _has_a_field(obj: dict[str, Any]) -> bool:
+    """Whether a JSON object has any documented key (matched as `_json_row` matches)."""
+    return any(key.strip().lower() in _BY_LOWER_NAME for key in obj)
+
+
+def _json_id(text: str) -> int | None:
+    """The ID in the text of an element that could not be parsed, if it can be seen."""
+    match = _JSON_ID.search(text)
+    return _id_of(match[1]) if match else None
+
+
+def _json_fallback(raw: str) -> Row | Rejection:
+    """`auto`: an element that is not UTF-8, read again as cp1252."""
+    text = raw.encode("utf-8", "surrogateescape").decode(_FALLBACK_CODEC, "surrogateescape")
+    if _SURROGATE.search(text):
+        detail = f"the element is {_NOT_TEXT['auto']}"
+        return _rejection("bad_encoding", detail, raw, _json_id(raw), "auto")
+    # The same structure: JSON's syntax is ASCII, which both codecs decode alike.
+    element, _ = _DECODER.raw_decode(text)
+    return _json_row(element, text, _FALLBACK_CODEC)
+
+
+def _json_row(element: object, raw: str, encoding: str) -> Row | Rejection:
+    if not raw.isascii() and _SURROGATE.search(raw):
+        if encoding == "auto":
+            return _json_fallback(raw)
+        cdr_id = _id_of(element.get("ID")) if isinstance(element, dict) else None
+        detail = f"the element is {_NOT_TEXT[encoding]}"
+        return _rejection("bad_encoding", detail, raw, cdr_id, encoding)
     if not isinstance(element, dict):
-        if not raw.isascii() and _SURROGATE.search(raw):
-            return Rejection("bad_encoding", "the element is not valid UTF-8", _replaced(raw))
-        return Rejection("bad_json", f"an array element is a JSON {_json_kind(element)}", raw)
+        detail = f"an array element is a JSON {_json_kind(element)}"
+        return _rejection("bad_json", detail, raw, None, encoding)
     obj: dict[str, Any] = element
     cdr_id = _id_of(obj.get("ID"))
-    if not raw.isascii() and _SURROGATE.search(raw):
-        return Rejection("bad_encoding", "the element is not valid UTF-8", _replaced(raw), cdr_id)
     if not obj.keys() >= _FIELD_SET:
         obj = {key.strip().lower(): value for key, value in obj.items()}
         missing = [name for name in FIELDS if name.lower() not in obj]
         if missing:
             detail = f"missing field(s) {', '.join(missing)}"
-            return Rejection("missing_field", detail, raw, cdr_id)
+            return _rejection("missing_field", detail, raw, cdr_id, encoding)
         obj = {name: obj[name.lower()] for name in FIELDS}
     try:
         values = {
             name: value if type(value := obj[name]) is str else _json_text(value) for name in FIELDS
         }
     except _NotAValueError as exc:
-        return Rejection("bad_json", f"a field holds a JSON {exc}, not a value", raw, cdr_id)
-    # Only a \uD800-\uDFFF escape can put a surrogate in text that decoded as UTF-8.
+        detail = f"a field holds a JSON {exc}, not a value"
+        return _rejection("bad_json", detail, raw, cdr_id, encoding)
+    # Only a \uD800-\uDFFF escape can put a surrogate in text that decoded without one.
     if ("\\ud" in raw or "\\uD" in raw) and _SURROGATE.search("".join(values.values())):
         detail = "a \\u escape gives a lone surrogate, which is not a character"
-        return Rejection("bad_encoding", detail, raw, cdr_id)
-    return Row(values, raw)
+        return _rejection("bad_encoding", detail, raw, cdr_id, encoding)
+    return _ROW_TYPES[encoding](values, raw)
 
 
-def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
-    text = _JsonText(chunks)
+def _skipped(text: _JsonText, reason: str, detail: str, encoding: str) -> Rejection | None:
+    """The element at `pos` skipped to the next boundary, as a rejection; None at the end."""
+    skip = text.skip()
+    if skip is None:
+        return None
+    head, chars = skip
+    raw_chars = chars if chars > len(head) else None
+    if reason == "row_too_long":
+        detail = _too_long_detail(chars)
+    return _rejection(reason, detail, head, _json_id(head), encoding, raw_chars)
+
+
+def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Rejection]:
+    text = _JsonText(chunks, encoding)
     decode = _DECODER.raw_decode
     first = text.next_char()
     if first is None:
@@ -467,6 +793,8 @@ def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
     if first != "[":
         while len(text.buf) - text.pos < _EXCERPT_CHARS and text.pull():
             pass
+        if text.eof and text.buf[text.pos :].rstrip(" \t\n\r") == "null":
+            return  # json_encode(null): PHP's answer when a query found nothing
         kind = "a JSON object" if first == "{" else "no JSON array"
         raise BadResponseError(
             f"not a billing feed response: {kind}, {text.excerpt()}", reason="not_feed"
@@ -475,50 +803,87 @@ def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
     char = text.next_char()
     if char == "]":
         text.pos += 1
+    first_element = True
     while char != "]":
         if char is None:
             raise BadResponseError(
                 f"truncated response: the JSON array is not closed, the body ends with "
-                f"{_excerpt(text.buf[-_EXCERPT_CHARS:])}",
+                f"{_excerpt(text.buf, max(0, len(text.buf) - _EXCERPT_CHARS))}",
                 reason="truncated",
             )
         try:
-            element, end = decode(text.buf, text.pos)
-        except json.JSONDecodeError as exc:
-            if not _cut_short(exc, text.buf):
-                raise BadResponseError(
-                    f"bad JSON: {exc.msg} at {_excerpt(text.buf[max(text.pos, exc.pos - 40) :])}",
-                    reason="bad_json",
-                ) from exc
-            # Each retry decodes the element from its start, so wait for it to double:
-            # tiny chunks must not make a long element cost quadratic time.
-            if text.pull(at_least=len(text.buf) - text.pos):
-                continue
-            char = None
-            continue
-        except RecursionError as exc:  # the C scanner recurses once per nesting level
-            raise BadResponseError(
-                f"bad JSON: arrays or objects nested too deep at {text.excerpt()}",
-                reason="bad_json",
-            ) from exc
-        # A number that reaches the end of the text ("12", "1.", "1e+") may go on in the
-        # next chunk: only the next chunk, or the end of the body, tells.
-        if (
-            type(element) is str
-            and text.buf[text.pos] != '"'
-            and len(text.buf) - end <= 2
-            and text.buf[end:] in _JSON_NUMBER_GOES_ON
-        ):
-            if text.pull():
-                continue
-            if end < len(text.buf):
+            try:
+                element, end = decode(text.buf, text.pos)
+            except json.JSONDecodeError as exc:
+                if not _cut_short(exc, text.buf):
+                    # A broken element is one rejection; reading resumes after it.
+                    failure = BadResponseError(
+                        f"bad JSON: {exc.msg} at "
+                        f"{_excerpt(text.buf, max(text.pos, exc.pos - 40))}",
+                        reason="bad_json",
+                    )
+                    detail = f"{exc.msg} at character {exc.pos - text.pos} of the element"
+                    broken = _skipped(text, "bad_json_element", detail, encoding)
+                    if broken is None:
+                        raise failure from exc
+                    yield broken
+                    char = text.after_skip()
+                    continue
+                # Each retry decodes the element from its start, so wait for it to double:
+                # tiny chunks must not make a long element cost quadratic time.
+                if text.pull(at_least=len(text.buf) - text.pos):
+                    continue
                 char = None
                 continue
+            except RecursionError as exc:  # the C scanner recurses once per nesting level
+                raise BadResponseError(
+                    f"bad JSON: arrays or objects nested too deep at {text.excerpt()}",
+                    reason="bad_json",
+                ) from exc
+            # A number that reaches the end of the text ("12", "1.", "1e+") may go on in
+            # the next chunk: only the next chunk, or the end of the body, tells.
+            if (
+                type(element) is str
+                and text.buf[text.pos] != '"'
+                and len(text.buf) - end <= 2
+                and text.buf[end:] in _JSON_NUMBER_GOES_ON
+            ):
+                if text.pull():
+                    continue
+                if end < len(text.buf):
+                    char = None
+                    continue
+        except _TooLongError:
+            # An element too long to hold is skipped to its end, counted.
+            long = _skipped(text, "row_too_long", "", encoding)
+            if long is None:
+                raise BadResponseError(
+                    f"truncated response: the body ends inside a JSON element of "
+                    f"{MAX_RECORD_CHARS} characters or more",
+                    reason="truncated",
+                ) from None
+            yield long
+            char = text.after_skip()
+            continue
         if end - text.pos >= MAX_RECORD_CHARS:
-            raise _too_long(text.buf[text.pos : end])
-        raw = text.buf[text.pos : end]
-        text.pos = end
-        yield _json_row(element, raw)
+            chars = end - text.pos
+            head = text.buf[text.pos : text.pos + MAX_ROW_CHARS]
+            cdr_id = _id_of(element.get("ID")) if isinstance(element, dict) else None
+            text.pos = end
+            yield _rejection("row_too_long", _too_long_detail(chars), head, cdr_id, encoding, chars)
+        else:
+            raw = text.buf[text.pos : end]
+            text.pos = end
+            if first_element and type(element) is dict and element and not _has_a_field(element):
+                # {"error": ..., "request": {...}}: an error object, often echoing the
+                # request (and its password), not a billing row to dead-letter.
+                raise BadResponseError(
+                    "not a billing feed response: the first element has none of the "
+                    f"documented fields: {_excerpt(raw)}",
+                    reason="not_feed",
+                )
+            yield _json_row(element, raw, encoding)
+        first_element = False
         char = text.next_char()
         if char == ",":
             text.pos += 1
@@ -531,10 +896,16 @@ def _parse_json(chunks: Iterable[bytes]) -> Iterator[Row | Rejection]:
         elif char == "]":
             text.pos += 1
         elif char is not None:
-            raise BadResponseError(
+            # Junk after an element is one rejection, up to the next element.
+            failure = BadResponseError(
                 f"bad JSON: expected , or ] after an element, found {text.excerpt()}",
                 reason="bad_json",
             )
+            junk = _skipped(text, "bad_json_element", "not , or ] after an element", encoding)
+            if junk is None:
+                raise failure
+            yield junk
+            char = text.after_skip()
     if text.next_char() is not None:
         raise BadResponseError(
             f"bad JSON: data after the closing ], {text.excerpt()}", reason="bad_json"

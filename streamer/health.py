@@ -4,35 +4,38 @@
   scraper asks for it), from prometheus_client's own WSGI app.
 - `/healthz`: 200 while the process is alive enough to answer. A liveness probe.
 - `/readyz`: 200 when the streamer can do its work: the Kafka cluster answers a
-  metadata request (asked at most every few seconds) and no feed's polls have been
-  failing for longer than `ready_max_failing_s`. Otherwise 503, and the body says why
+  metadata request (asked at most every few seconds), no feed's polls have been
+  failing for longer than `ready_max_failing_s`, and no poll has been running for
+  longer than `ready_max_poll_s` (a stuck one). Otherwise 503, and the body says why
   in one line of plain text.
 
-The server runs in a daemon thread, one thread per request, so a slow readiness check
-never holds up a scrape.
+The server (streamer/endpoint.py) has a fixed pool of worker threads and closes idle
+and slow connections, so neither a slow readiness check nor hundreds of idle clients
+hold up a scrape. With `credentials`, every path but the probes (or every path, with
+`auth_probes`) needs them; with `tls`, it speaks HTTPS only.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-from wsgiref.types import StartResponse, WSGIEnvironment
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from streamer.endpoint import Credentials, HttpEndpoint, protect
 from streamer.metrics import Metrics
 
 log = logging.getLogger(__name__)
 _librdkafka_log = logging.getLogger("librdkafka")
 
 _TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+PROBES = frozenset({"/healthz", "/readyz"})
 
 
 class KafkaCheck:
@@ -92,11 +95,13 @@ class Readiness:
         kafka_check: Callable[[], str | None],
         *,
         max_failing_s: float,
+        max_poll_s: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.metrics = metrics
         self.kafka_check = kafka_check
         self.max_failing_s = max_failing_s
+        self.max_poll_s = max_poll_s
         self._clock = clock
 
     def problems(self) -> list[str]:
@@ -113,75 +118,51 @@ class Readiness:
                     f"feed {feed.feed}: polls failing for {failing_s:.0f} s "
                     f"(over {self.max_failing_s:g} s; last error {feed.last_error})"
                 )
+            polling_s = feed.polling_for_s(now)
+            if polling_s > self.max_poll_s:
+                found.append(
+                    f"feed {feed.feed}: a poll has been running for {polling_s:.0f} s "
+                    f"(over {self.max_poll_s:g} s): stuck?"
+                )
         return found
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a hung client must not keep the process from exiting
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-
-def _server_class(host: str) -> type[_Server]:
-    """The server class for `host`'s address family (IPv6 when it is an IPv6 address)."""
-    family = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM)[0][0]
-
-    class Server(_Server):
-        address_family = family
-
-    return Server
-
-
 class HealthServer:
-    """Serves /metrics, /healthz and /readyz on one port, in a background thread."""
+    """Serves /metrics, /healthz and /readyz on one port, in background threads."""
 
     def __init__(
         self,
         registry: CollectorRegistry,
         readiness: Callable[[], list[str]],
         *,
-        host: str = "0.0.0.0",  # noqa: S104 - a scrape target must be reachable from Prometheus
+        host: str = "127.0.0.1",
         port: int = 9108,
+        credentials: Credentials | None = None,
+        auth_probes: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._metrics_app = make_wsgi_app(registry)
         self._readiness = readiness
-        self.host = host
-        self.port = port
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        app: WSGIApplication = self._app
+        if credentials is not None:
+            app = protect(app, credentials, open_paths=() if auth_probes else PROBES)
+        self._endpoint = HttpEndpoint(app, host, port, tls=tls)
+
+    @property
+    def host(self) -> str:
+        return self._endpoint.host
+
+    @property
+    def port(self) -> int:
+        return self._endpoint.port
 
     def start(self) -> None:
-        """Bind (port 0: a free one, then in `port`) and serve in a daemon thread."""
-        if self._server is not None:
-            raise RuntimeError("the health server is already running")
-        self._server = make_server(
-            self.host,
-            self.port,
-            self._app,
-            server_class=_server_class(self.host),
-            handler_class=_QuietHandler,
-        )
-        self.port = self._server.server_port
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name="health-server",
-            daemon=True,
-        )
-        self._thread.start()
+        """Bind (port 0: a free one, then in `port`) and serve in daemon threads."""
+        self._endpoint.start()
 
     def stop(self) -> None:
         """Stop serving and release the port. Safe to call twice."""
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return
-        server.shutdown()
-        server.server_close()
-        thread.join()
-        self._server = self._thread = None
+        self._endpoint.stop()
 
     def __enter__(self) -> HealthServer:
         self.start()

@@ -25,7 +25,8 @@ import time
 from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 import confluent_kafka
 from prometheus_client import (
@@ -45,6 +46,9 @@ from prometheus_client.registry import Collector
 
 from streamer import __version__
 from streamer.records import REASONS
+
+if TYPE_CHECKING:
+    from streamer.records import CallRecord
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,14 @@ KNOWN_CALL_TYPES = frozenset(
 )
 # The Status values that count as errors in the error-rate ratio (everything but Ok).
 ERROR_STATUSES = frozenset(KNOWN_STATUSES - {"Ok"})
+# A row is a *call* (an attempt, answered or not) when its CallType is a voice call
+# type. SMS and service fees (number rental, broadband, credits: CallType "Service")
+# are not calls, and neither is a CallType this list does not know: the provider adds
+# fee types more often than call types, and a fee counted as an answered call would
+# hide a falling ASR. The call counters (attempts, answered, seconds) count calls only.
+VOICE_CALL_TYPES = frozenset(KNOWN_CALL_TYPES - {"SMS", "Service"})
+# The Status of an answered call (ASR = answered / attempts).
+ANSWERED_STATUS = "Ok"
 # The `outcome` of a feed request (streamer/sources/feed.py decides which); `error` is the
 # fallback for an exception nobody expected.
 REQUEST_OUTCOMES = (
@@ -81,6 +93,8 @@ REQUEST_OUTCOMES = (
     "timeout",
     "connection_error",
     "bad_response",
+    "too_large",  # decoded body over max_body_bytes
+    "too_compressed",  # compressed body expanding over max_expansion_ratio
 )
 KNOWN_OUTCOMES = frozenset({*REQUEST_OUTCOMES, "error"})
 KNOWN_REASONS = frozenset(REASONS)
@@ -102,6 +116,43 @@ def fold(value: str, known: frozenset[str]) -> str:
     return value if value in known else "other"
 
 
+def is_call(call_type: str) -> bool:
+    """Whether a row of this CallType is a call (see VOICE_CALL_TYPES), not an SMS or a fee."""
+    return call_type in VOICE_CALL_TYPES
+
+
+class UsageTally:
+    """Seconds and money of one batch, by (Direction, CallType); added once confirmed.
+
+    The call counts come from the batch's (Status, Direction, CallType) tally; this
+    holds what that tally cannot: connected and billed seconds of calls, and charges.
+    """
+
+    __slots__ = ("by_key",)
+
+    def __init__(self) -> None:
+        # (direction, call_type) -> [connected s, billed s, charge, credit]
+        self.by_key: dict[tuple[str, str], list[Any]] = {}
+
+    def add(self, record: CallRecord) -> None:
+        key = (record.direction, record.call_type)
+        usage = self.by_key.get(key)
+        if usage is None:
+            usage = self.by_key[key] = [0, 0, _ZERO, _ZERO]
+        if record.call_type in VOICE_CALL_TYPES:
+            if record.status == ANSWERED_STATUS:
+                usage[0] += record.network_seconds
+            usage[1] += record.seconds
+        charge = record.charge
+        if charge > 0:
+            usage[2] += charge
+        elif charge < 0:  # a credit: counters only rise, so credits count on their own
+            usage[3] -= charge
+
+
+_ZERO = Decimal(0)
+
+
 class Metrics:
     """All metric families of one process."""
 
@@ -121,7 +172,7 @@ class Metrics:
         self.requests = Counter(
             f"{PREFIX}_feed_requests_total",
             "Feed requests by outcome: ok, auth_error, http_5xx, http_429, http_4xx, timeout, "
-            "connection_error, bad_response.",
+            "connection_error, bad_response, too_large, too_compressed.",
             ["feed", "outcome"],
             registry=registry,
         )
@@ -143,6 +194,47 @@ class Metrics:
             "CDR events confirmed by Kafka, by the call's Status, Direction and CallType "
             "(each folded to a known set plus `other`).",
             ["feed", "source", "status", "direction", "call_type"],
+            registry=registry,
+        )
+        call_labels = ["feed", "source", "direction", "call_type"]
+        self.call_attempts = Counter(
+            f"{PREFIX}_call_attempts_total",
+            "Calls confirmed by Kafka, answered or not, by Status (a call: CallType Local, "
+            "National, Mobile, International, Onnet, 0800, 0900 or Directory; not SMS or "
+            "service fees).",
+            ["feed", "source", "status", *call_labels[2:]],
+            registry=registry,
+        )
+        self.calls_answered = Counter(
+            f"{PREFIX}_calls_answered_total",
+            "Calls confirmed by Kafka whose Status is Ok (ASR = answered / attempts).",
+            call_labels,
+            registry=registry,
+        )
+        self.call_connected_seconds = Counter(
+            f"{PREFIX}_call_connected_seconds_total",
+            "NetworkSeconds (connected time) of answered calls (ACD = this / answered).",
+            call_labels,
+            registry=registry,
+        )
+        self.call_billed_seconds = Counter(
+            f"{PREFIX}_call_billed_seconds_total",
+            "Seconds charged for calls (the provider may round a call up to the minute).",
+            call_labels,
+            registry=registry,
+        )
+        self.charge = Counter(
+            f"{PREFIX}_charge_nzd_total",
+            "Charge including GST (NZD) of the events confirmed by Kafka: calls, SMS and "
+            "service fees; credits (negative charges) count in charge_credit_nzd_total.",
+            call_labels,
+            registry=registry,
+        )
+        self.charge_credit = Counter(
+            f"{PREFIX}_charge_credit_nzd_total",
+            "Credits: the amount (NZD incl. GST, as a positive number) of events with a "
+            "negative Charge. Net charge = charge_nzd_total - charge_credit_nzd_total.",
+            call_labels,
             registry=registry,
         )
         self.rejected = Counter(
@@ -183,6 +275,13 @@ class Metrics:
             f"{PREFIX}_feed_failing_since_timestamp_seconds",
             "When the feed's current run of failed polls began (Unix time); 0 while its "
             "last poll succeeded.",
+            ["feed"],
+            registry=registry,
+        )
+        self.poll_started = Gauge(
+            f"{PREFIX}_poll_started_timestamp_seconds",
+            "When the poll in progress began (Unix time); 0 between polls. A stuck poll "
+            "shows as an old value.",
             ["feed"],
             registry=registry,
         )
@@ -268,6 +367,7 @@ class FeedMetrics:
         self.source = source
         self._newest_event_s = 0.0
         self._failing_since_s = 0.0
+        self._poll_started_s = 0.0
         self.last_error = ""  # the error class of the last failed poll
         self.kafka: KafkaStats | None = None  # the producer's latest librdkafka statistics
         self._kafka_poll: Callable[[], object] | None = None
@@ -277,6 +377,7 @@ class FeedMetrics:
         self.last_success = m.last_success.labels(feed)
         self.last_failure = m.last_failure.labels(feed)
         self.failing_since = m.failing_since.labels(feed)
+        self.poll_started = m.poll_started.labels(feed)
         self.newest_event = m.newest_event.labels(feed)
         self.feed_up = m.feed_up.labels(feed)
         self.delivery_errors = m.delivery_errors.labels(feed)
@@ -310,16 +411,37 @@ class FeedMetrics:
         published: TallyCounter[tuple[str, str, str]],
         rejected: TallyCounter[str],
         newest_event_s: float,
+        usage: UsageTally | None = None,
     ) -> None:
         """A batch is confirmed by Kafka: add its counts."""
+        m = self.metrics
         for (status, direction, call_type), n in published.items():
-            self.metrics.published.labels(
-                self.feed,
-                self.source,
+            labels = (
                 fold(status, KNOWN_STATUSES),
                 fold(direction, KNOWN_DIRECTIONS),
                 fold(call_type, KNOWN_CALL_TYPES),
-            ).inc(n)
+            )
+            m.published.labels(self.feed, self.source, *labels).inc(n)
+            if is_call(call_type):
+                m.call_attempts.labels(self.feed, self.source, *labels).inc(n)
+                if status == ANSWERED_STATUS:
+                    m.calls_answered.labels(self.feed, self.source, *labels[1:]).inc(n)
+        for (direction, call_type), (connected, billed, charge, credit) in (
+            usage.by_key.items() if usage is not None else ()
+        ):
+            where = (
+                self.feed,
+                self.source,
+                fold(direction, KNOWN_DIRECTIONS),
+                fold(call_type, KNOWN_CALL_TYPES),
+            )
+            if is_call(call_type):
+                m.call_connected_seconds.labels(*where).inc(connected)
+                m.call_billed_seconds.labels(*where).inc(billed)
+            if charge:
+                m.charge.labels(*where).inc(float(charge))
+            if credit:
+                m.charge_credit.labels(*where).inc(float(credit))
         for reason, n in rejected.items():
             self.metrics.rejected.labels(self.feed, self.source, fold(reason, KNOWN_REASONS)).inc(n)
         if newest_event_s > self._newest_event_s:
@@ -350,6 +472,21 @@ class FeedMetrics:
         if not self._failing_since_s:
             self._failing_since_s = now
             self.failing_since.set(now)
+
+    def poll_began(self, now: float | None = None) -> None:
+        """A poll starts: until `poll_ended`, its age shows on /readyz and in metrics."""
+        self._poll_started_s = time.time() if now is None else now
+        self.poll_started.set(self._poll_started_s)
+
+    def poll_ended(self) -> None:
+        self._poll_started_s = 0.0
+        self.poll_started.set(0)
+
+    def polling_for_s(self, now: float | None = None) -> float:
+        """How long the poll in progress has been running; 0 between polls."""
+        if not self._poll_started_s:
+            return 0.0
+        return max(0.0, (time.time() if now is None else now) - self._poll_started_s)
 
     def failing_for_s(self, now: float | None = None) -> float:
         """How long the feed's polls have been failing; 0 while the last one succeeded."""
@@ -577,16 +714,18 @@ class _KafkaStatsCollector(Collector):
 
 
 class SftpMetrics:
-    """The SFTP collectors' own metric families, labelled by the source's configured name.
+    """The file collectors' own metric families (SFTP, FTP and FTPS alike: the names keep
+    "sftp" for the dashboards and alerts built on them), labelled by the source's name.
 
     Their events, dead letters and skipped rows count in the shared families through
-    a `FeedMetrics` with source="sftp".
+    a `FeedMetrics` with source = the protocol ("sftp", "ftp", "ftps").
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.files_seen = Counter(
             f"{PREFIX}_sftp_files_seen_total",
-            "Files matching the pattern seen on the SFTP server for the first time.",
+            "Files matching the pattern seen on the file server (SFTP, FTP, FTPS) for the "
+            "first time.",
             ["feed"],
             registry=registry,
         )
@@ -610,15 +749,15 @@ class SftpMetrics:
         )
         self.read_bytes = Counter(
             f"{PREFIX}_sftp_read_bytes_total",
-            "Bytes read from files on the SFTP server (a file read again after a restart "
-            "counts again).",
+            "Bytes read from files on the file server, as stored (compressed ones before "
+            "inflating; a file read again after a restart counts again).",
             ["feed"],
             registry=registry,
         )
         self.errors = Counter(
             f"{PREFIX}_sftp_errors_total",
-            "SFTP errors by kind: connection_error, timeout, auth_error, host_key, "
-            "unreadable_file, after_action.",
+            "File server errors by kind: connection_error, timeout, auth_error, host_key (an "
+            "SSH host key or TLS certificate), unreadable_file, after_action.",
             ["feed", "kind"],
             registry=registry,
         )

@@ -229,7 +229,7 @@ class Drive:
 
     def _dead_letter_refused(self, exc: MessagesRejectedError) -> None:
         sink, publisher = self.sink, self.publisher
-        refused = sink.isolate(publisher, exc.rejected, self.batch)
+        refused = sink.isolate(publisher, exc.rejected)
         events = [r for r in refused if r.topic == sink.topic and r.cdr_id is not None]
         others = [r for r in refused if r not in events]
         for r in events:
@@ -254,8 +254,8 @@ class Drive:
         for r in events:
             assert r.cdr_id is not None
             rejection = Rejection(
-                "kafka_rejected", f"Kafka refused the event: {r.reason}",
-                self.batch.sent[r.value].raw if r.value in self.batch.sent else "", r.cdr_id,
+                "kafka_rejected", f"Kafka refused the event: {r.reason}", sink.sent(r).raw,
+                r.cdr_id,
             )  # fmt: skip
             sink.dead_letter(publisher, rejection, self.batch, fromid=self.fromid, file=self.file)
             self.tally.published -= 1

@@ -65,6 +65,10 @@ MESSAGE_ERRORS = frozenset(
         KafkaError.INVALID_MSG,
     }
 )
+# What the idempotent producer reports for the messages that were in flight behind a
+# refused one on the same partition (their sequence numbers skipped): refused too, by
+# consequence, never written. Taken with the refused ones, when there are refused ones.
+SEQUENCE_ERRORS = frozenset({KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER})
 # Refused messages kept for isolation per flush; past this, the batch fails as a whole.
 MAX_REJECTED_KEPT = 100_000
 _FENCED_CODES = frozenset(
@@ -146,6 +150,7 @@ class Publisher:
         self._first_error: KafkaError | None = None
         self._rejected: list[RejectedMessage] = []
         self._other_failures = 0  # failures that are not about the message itself
+        self._refused_seen = False  # a MESSAGE_ERRORS failure since the last flush
         self._fatal: KafkaError | None = None
         self._aborted_badly = False
         self.in_transaction = False
@@ -176,7 +181,12 @@ class Publisher:
         self.failed += 1
         if self._first_error is None:
             self._first_error = err
-        if err.code() in MESSAGE_ERRORS and len(self._rejected) < MAX_REJECTED_KEPT:
+        code = err.code()
+        if code in MESSAGE_ERRORS:
+            self._refused_seen = True
+        if (code in MESSAGE_ERRORS or code in SEQUENCE_ERRORS) and len(
+            self._rejected
+        ) < MAX_REJECTED_KEPT:
             ts_type, ts = msg.timestamp()
             raw_headers: Any = msg.headers() or []  # list of (name, bytes) pairs at run time
             headers: list[tuple[str, str | bytes | None]] = [(str(k), v) for k, v in raw_headers]
@@ -191,9 +201,9 @@ class Publisher:
 
     def _take_rejected(self) -> list[RejectedMessage] | None:
         """The refused messages since the last flush, if every failure was about a message."""
-        rejected, other = self._rejected, self._other_failures
-        self._rejected, self._other_failures = [], 0
-        return rejected if rejected and not other else None
+        rejected, other, refused = self._rejected, self._other_failures, self._refused_seen
+        self._rejected, self._other_failures, self._refused_seen = [], 0, False
+        return rejected if rejected and refused and not other else None
 
     def _refused_in_transaction(self) -> list[RejectedMessage] | None:
         """A transaction that failed mid-batch because Kafka refused messages: which ones.
@@ -390,6 +400,7 @@ class Publisher:
             raise self._error("confirm delivery", exc.args[0]) from exc
         rejected, other = self._rejected, self._other_failures
         self._rejected, self._other_failures, self._first_error = [], 0, None
+        self._refused_seen = False
         self.abort(timeout_s)
         if other or remaining:
             raise DeliveryError(
@@ -417,7 +428,7 @@ class Publisher:
             self._aborted_badly = True
         # Cleared after the abort: it hands back the purged messages' delivery reports.
         self._first_error = None
-        self._rejected, self._other_failures = [], 0
+        self._rejected, self._other_failures, self._refused_seen = [], 0, False
 
     @property
     def in_flight(self) -> int:

@@ -67,6 +67,7 @@ class Runner(ABC):
         With `once`, `max_failures` retriable errors in a row end the run (recorded in `error`).
         """
         label = f"{self.kind} {self.name}"
+        self.metrics.poll_began()
         try:
             delay = self._poll(once=once)
         except StoppedError as exc:
@@ -105,6 +106,8 @@ class Runner(ABC):
             self.metrics.feed_up.set(0)
             self.error = exc
             return None
+        finally:
+            self.metrics.poll_ended()
         self.backoff.reset()
         self._failures = 0
         return delay
@@ -169,7 +172,7 @@ class FeedRunner(Runner):
             result.dead_lettered,
             result.skipped,
             result.duplicates,
-            f", {result.covered} published by SFTP" if result.covered else "",
+            f", {result.covered} published by its file source" if result.covered else "",
             result.cursor_before,
             result.cursor_after,
         )
@@ -194,7 +197,7 @@ class SftpRunner(Runner):
     With `once`, it polls until no file is left waiting to settle.
     """
 
-    kind = "sftp"
+    kind = "sftp"  # or the collector's protocol (ftp, ftps)
 
     def __init__(
         self,
@@ -209,6 +212,7 @@ class SftpRunner(Runner):
             backoff or Backoff(1.0, min(300.0, max(1.0, poll_interval_s))),
         )
         self.collector = collector
+        self.kind = collector.kind  # sftp, ftp or ftps
         self.poll_interval_s = poll_interval_s
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from typing import Protocol
 from streamer.avro import timestamp_ms
 from streamer.deadletter import encode_dead_letter
 from streamer.errors import DeliveryError
-from streamer.metrics import FeedMetrics
+from streamer.metrics import FeedMetrics, UsageTally
 from streamer.publisher import Publisher, RejectedMessage, TimestampLimits
 from streamer.records import CallRecord, Rejection
 
@@ -29,17 +29,14 @@ class Batch:
 
     published: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
+    usage: UsageTally = field(default_factory=UsageTally)  # seconds and charges, for the KPIs
     newest_event_ms: int = 0
     size: int = 0
-    # What each message of the batch was, by its value: Kafka's report of a refused
-    # message carries neither headers nor timestamp, and its dead letter needs the raw
-    # row (EventSink.isolate, Drive.checkpoint). Values are unique: each holds its ID.
-    sent: dict[bytes, Sent] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Sent:
-    """One produced message as the batch remembers it."""
+    """One recently produced message, as the sink remembers it (EventSink.recent)."""
 
     cdr_id: int | None
     raw: str
@@ -53,6 +50,24 @@ _TIMESTAMP_REFRESH_EVERY = 10_000  # publishes between recomputing the limits ag
 
 
 MAX_REFUSED_KEPT = 10_000
+MAX_RECENT_KEPT = 10_000
+
+
+def event_id(value: bytes) -> int | None:
+    """The CDR ID of an event's value: its first field, a zig-zag varint after the framing."""
+    if value[:2] == b"\xc3\x01":  # Avro single-object: marker and an 8-byte fingerprint
+        body = value[10:]
+    elif value[:1] == b"\x00":  # Schema Registry: magic byte and a 4-byte schema id
+        body = value[5:]
+    else:
+        return None
+    n = shift = 0
+    for byte in body[:10]:
+        n |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (n >> 1) ^ -(n & 1)
+        shift += 7
+    return None
 
 
 def _bisect(
@@ -153,6 +168,17 @@ class EventSink:
         # Exactly-once: CDR IDs whose event Kafka refused, with its reason. The replay of
         # the aborted transaction dead-letters them (Drive.run). Bounded; pruned by cursor.
         self.refused: dict[int, str] = {}
+        # The last messages produced, by value (unique: each holds its ID): Kafka's report
+        # of a refused message carries neither headers nor timestamp, and its dead letter
+        # needs the raw row (isolate). Bounded: a report comes back within the producer's
+        # in-flight window, far fewer messages than this in practice.
+        self.recent: dict[bytes, Sent] = {}
+
+    def _remember(self, value: bytes, sent: Sent) -> None:
+        recent = self.recent
+        recent[value] = sent
+        if len(recent) > MAX_RECENT_KEPT:
+            del recent[next(iter(recent))]
 
     def _refresh_timestamp_limits(self) -> None:
         limits, now_ms = self.timestamp_limits, int(time.time() * 1000)
@@ -207,8 +233,9 @@ class EventSink:
             timestamp_ms=message_ts,
             headers=all_headers,
         )
-        batch.sent[value] = Sent(record.id, raw, message_ts, all_headers)
+        self._remember(value, Sent(record.id, raw, message_ts, all_headers))
         batch.published[(record.status, record.direction, record.call_type)] += 1
+        batch.usage.add(record)
         if ts > batch.newest_event_ms:
             batch.newest_event_ms = ts
         batch.size += 1
@@ -233,7 +260,7 @@ class EventSink:
             rejection, feed=self.name, source=self.source, fromid=fromid, file=file
         )
         publisher.produce(self.dead_letter_topic, self.name.encode("utf-8"), value, headers=headers)
-        batch.sent[value] = Sent(None, rejection.raw, 0, headers)
+        self._remember(value, Sent(None, rejection.raw, 0, headers))
         batch.rejected[rejection.reason] += 1
         batch.size += 1
 
@@ -261,11 +288,26 @@ class EventSink:
         except DeliveryError:
             self.metrics.delivery_errors.inc(max(1, publisher.in_flight))
             raise
-        self.metrics.confirmed(batch.published, batch.rejected, batch.newest_event_ms / 1000)
+        self.metrics.confirmed(
+            batch.published, batch.rejected, batch.newest_event_ms / 1000, batch.usage
+        )
         self.metrics.in_flight.set(0)
 
+    def sent(self, message: RejectedMessage) -> Sent:
+        """What the sink produced as `message`; rebuilt from its value if no longer held."""
+        sent = self.recent.get(message.value)
+        if sent is not None:
+            return sent
+        if message.topic != self.topic:
+            return Sent(None, "", 0, list(self._headers_base))
+        cdr_id = event_id(message.value)
+        headers = list(self._headers_base)
+        if cdr_id is not None:
+            headers.insert(0, ("cdr_id", str(cdr_id).encode()))
+        return Sent(cdr_id, "", 0, headers)  # 0: the produce time, for want of the call's
+
     def isolate(
-        self, publisher: Publisher, rejected: list[RejectedMessage], batch: Batch
+        self, publisher: Publisher, rejected: list[RejectedMessage]
     ) -> list[RejectedMessage]:
         """The messages Kafka refuses on their own, out of a batch it refused.
 
@@ -275,14 +317,11 @@ class EventSink:
         aborted transaction of a separate producer, and nothing becomes visible.
         """
         timeout_s = self.flush_timeout_s
-        # Kafka's reports lack headers and timestamps: restore them from the batch.
-        restored = []
-        for m in rejected:
-            sent = batch.sent.get(m.value)
-            if sent is not None:
-                m = replace(m, headers=sent.headers, timestamp_ms=sent.timestamp_ms)
-            restored.append(m)
-        rejected = restored
+        # Kafka's reports lack headers and timestamps: restore them.
+        rejected = [
+            replace(m, headers=sent.headers, timestamp_ms=sent.timestamp_ms)
+            for m, sent in ((m, self.sent(m)) for m in rejected)
+        ]
         prober = self.slot.probe_publisher() if publisher.transactional_id else publisher
         if prober is None:
             raise DeliveryError("no producer to find the refused messages with")

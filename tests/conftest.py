@@ -10,6 +10,14 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
+from hypothesis import settings
+
+from streamer import redact
+
+# No per-example time limit: these machines are shared and noisy, and speed is measured
+# in bench/, never asserted by a test (hypothesis' default deadline is 200 ms).
+settings.register_profile("cdr-streamer", deadline=None)
+settings.load_profile("cdr-streamer")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = REPO_ROOT / "scripts" / "kafka-local"
@@ -26,6 +34,15 @@ class KafkaBroker:
 
     bootstrap: str
     local_dir: Path | None
+
+
+@pytest.fixture(autouse=True)
+def _forget_secrets() -> Iterator[None]:
+    """Each test's secrets are redacted during that test only: one test's password
+    (say "x") must not hide text in the messages another test checks."""
+    before = redact.registered()
+    yield
+    redact.restore(before)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from streamer.errors import ConfigError
 from streamer.simulator.config import FORMATS, SimulatorConfig
-from streamer.simulator.files import CADENCES, write_files
+from streamer.simulator.files import CADENCES, COMPRESSIONS, write_files
 from streamer.simulator.http import serve
 
 PASSWORD_ENV = "CDR_SIMULATOR_PASSWORD"  # noqa: S105 - the variable's name
@@ -29,7 +29,8 @@ _HELP = {
     "malformed_rate": "share of rows written broken (bad date, bad ID, wrong field count...)",
     "status_fault_from_id": "every call from this CDR ID on ends Busy or Unallocated (0: never)",
     "unsorted": "shuffle rows within each response",
-    "auth_failure_style": "how a wrong password is answered: text200 is the hardest case",
+    "auth_failure_style": "how a wrong password is answered: text200 (plain text, status 200) "
+    "is the hardest case; html200 the same text in an HTML page",
     "transfer": "body framing: Content-Length, chunked, or close-delimited",
     "login": "the login to accept",
     "host": "address to listen on",
@@ -46,7 +47,14 @@ _HELP = {
     "line_ending": "line ending of delimited formats",
     "bom": "start the body with a UTF-8 byte order mark",
     "quote_all": "quote every field, not only those that need it",
-    "empty_style": "body when there are no records: empty, or the header row only",
+    "empty_style": "answer when there are no records: an empty body, the header row only, "
+    "HTTP 204 (no_content), the text 'No records found' (text), or JSON null (null)",
+    "encoding": "encoding of csv/txt/pipe bodies and files (macron vowels, which cp1252 and "
+    "Latin-1 lack, written with a diaeresis)",
+    "broken_row_ids": "IDs written broken on every request: a JSON element missing a comma, "
+    "a delimited row with an opening quote that never closes",
+    "long_row_ids": "IDs whose TextDesc1 is --long-row-chars characters long",
+    "long_row_chars": "length of those TextDesc1 values",
     "batch_rows": "rows written to the socket at a time",
     "prerender": "render the backlog once at start in this format and serve it from memory "
     "(benchmarks: serving is then no bottleneck)",
@@ -96,9 +104,19 @@ def _add_config_flags(parser: argparse.ArgumentParser, wanted: Callable[[str], b
             kwargs.update(choices=["lf", "crlf"], default="lf", type=str, metavar=None)
         elif f.name == "max_rows":
             kwargs["type"] = int
+        elif typing.get_origin(hint) is tuple:
+            kwargs.update(type=_id_list, metavar="ID[,ID...]")
         else:
             kwargs["type"] = type(f.default)
         parser.add_argument(flag, *_ALIASES.get(f.name, []), dest=f"sim_{f.name}", **kwargs)
+
+
+def _id_list(text: str) -> tuple[int, ...]:
+    """'5,17' -> (5, 17), for flags that name CDR IDs."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of IDs: {text!r}") from None
 
 
 def config_from_args(args: argparse.Namespace, env: typing.Mapping[str, str]) -> SimulatorConfig:
@@ -124,19 +142,21 @@ _FILE_FLAGS = frozenset(
     {
         "seed", "backlog", "mean_gap_s", "jitter_s", "accounts", "malformed_rate",
         "status_fault_from_id", "header", "date_style", "datetime_style", "json_numbers",
-        "json_pretty", "line_ending", "bom", "quote_all",
+        "json_pretty", "line_ending", "bom", "quote_all", "encoding", "broken_row_ids",
+        "long_row_ids", "long_row_chars",
     }
 )  # fmt: skip
 
 
 def add_simulate_files_parser(sub: Any) -> None:
-    """Register the `simulate-files` subcommand: the provider's SFTP files, into a folder."""
+    """Register the `simulate-files` subcommand: the provider's SFTP/FTP files, into a folder."""
     parser: argparse.ArgumentParser = sub.add_parser(
         "simulate-files",
-        help="write the CDR files the provider would deliver by SFTP into a folder",
-        description="Write the files of the provider's SFTP delivery: the same CDRs as "
-        "`simulate` serves for the same seed, one file per period (UTC) named "
-        "cdr_YYYYMMDD_HHMM.<format>, each written to a temporary name and renamed.",
+        help="write the CDR files the provider would deliver by SFTP or FTP into a folder",
+        description="Write the files of the provider's SFTP or FTP delivery into a folder "
+        "(the one an SFTP or FTP server serves): the same CDRs as `simulate` serves for the "
+        "same seed, one file per period (UTC) named cdr_YYYYMMDD_HHMM.<format>[.gz|.zip], "
+        "each written to a temporary name and renamed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("directory", type=Path, metavar="DIR", help="where to write the files")
@@ -152,6 +172,12 @@ def add_simulate_files_parser(sub: Any) -> None:
         metavar="N",
         help="write CDRs 1..N (default: --backlog)",
     )
+    parser.add_argument(
+        "--compress",
+        choices=COMPRESSIONS,
+        default="none",
+        help="gz: gzip each file (.csv.gz); zip: each file alone in a zip (.csv.zip)",
+    )
     _add_config_flags(parser, lambda name: name in _FILE_FLAGS)
 
 
@@ -163,7 +189,12 @@ def run_simulate_files(args: argparse.Namespace) -> int:
     # The password is the web feed's; files need none.
     config = SimulatorConfig(password="-", **values)  # noqa: S106
     paths = write_files(
-        config, args.directory, cadence=args.cadence, fmt=args.files_format, upto_id=args.upto_id
+        config,
+        args.directory,
+        cadence=args.cadence,
+        fmt=args.files_format,
+        upto_id=args.upto_id,
+        compress=args.compress,
     )
     last = config.backlog if args.upto_id is None else args.upto_id
     print(f"wrote {len(paths)} {args.cadence} files of CDRs 1..{last} to {args.directory}")

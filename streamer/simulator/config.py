@@ -19,6 +19,9 @@ CHATHAM = "Pacific/Chatham"
 DEFAULT_START = datetime(2024, 3, 1, tzinfo=UTC)  # crosses the NZ DST end on 2024-04-07
 SERVICE_CALL_TYPE = "Service"  # CallType of service fees (number rental, broadband, fixed charges)
 AUTH_FAILURE_TEXT = "Invalid login or password"
+NO_RECORDS_TEXT = "No records found"  # the body of empty_style "text"
+# How text the encodings cp1252 and Latin-1 cannot hold is written in them (see `encoding`).
+DIAERESIS = str.maketrans("ĀāĒēĪīŌōŪū", "ÄäËëÏïÖöÜü")
 
 FORMATS: tuple[str, ...] = ("csv", "txt", "pipe", "json")
 DELIMITERS: Mapping[str, str] = {"csv": ",", "txt": "\t", "pipe": "|"}
@@ -27,8 +30,8 @@ NUMERIC_FIELDS = frozenset(
      "FreeUnitsUsed", "UTCOffset"}
 )  # fmt: skip
 FAULTS: tuple[str, ...] = (
-    "500", "503", "429", "truncate", "truncate_chunked", "html", "auth_text200", "latency",
-    "cut_last_line",
+    "500", "503", "429", "truncate", "truncate_chunked", "html", "auth_text200", "auth_html200",
+    "latency", "cut_last_line",
 )  # fmt: skip
 MALFORMATIONS: tuple[str, ...] = (
     "bad_date", "bad_time", "bad_id", "wrong_field_count", "empty_account", "bad_decimal",
@@ -42,8 +45,12 @@ ODDITIES: tuple[str, ...] = ("future_utc", "before_1970", "long_text", "no_id")
 
 DateStyle = Literal["iso", "nz"]
 DateTimeStyle = Literal["space", "iso_t", "iso_z", "offset", "nz"]
-EmptyStyle = Literal["empty", "header"]
-AuthFailureStyle = Literal["text200", "401", "403"]
+# No rows: an empty body, the header row alone, HTTP 204, the text NO_RECORDS_TEXT, or
+# (json; the others: empty) `null`, what PHP's json_encode makes of no result.
+EmptyStyle = Literal["empty", "header", "no_content", "text", "null"]
+AuthFailureStyle = Literal["text200", "html200", "401", "403"]
+# The bytes of delimited bodies and files (json is ASCII: \u escapes, as PHP writes it).
+BodyEncoding = Literal["utf-8", "cp1252", "latin-1"]
 Transfer = Literal["auto", "chunked", "length", "close"]
 # "none", or the format whose responses are rendered once, at start, and then served from memory.
 Prerender = Literal["none", "csv", "txt", "pipe", "json"]
@@ -92,11 +99,20 @@ class SimulatorConfig:
     line_ending: str = "\n"
     bom: bool = False
     quote_all: bool = False
-    empty_style: EmptyStyle = "empty"  # no rows: empty body or header only (json: always "[]")
+    empty_style: EmptyStyle = "empty"  # no rows (json "[]" unless "no_content", "text", "null")
     unsorted: bool = False  # rows of a response shuffled within each batch
     auth_failure_style: AuthFailureStyle = "text200"
     transfer: Transfer = "auto"  # auto: Content-Length for one batch, chunked beyond
     batch_rows: int = 1000  # rows rendered and written to the socket at a time
+    # Characters macron vowels lack in cp1252 and Latin-1 are written with a diaeresis
+    # instead (ā -> ä), so such a body holds non-ASCII text in its encoding.
+    encoding: BodyEncoding = "utf-8"
+    # Rows the provider writes broken on every request, whatever the format, by ID: a JSON
+    # element without the comma after its first member, or a delimited row whose TextDesc2
+    # opens a quote that never closes.
+    broken_row_ids: tuple[int, ...] = ()
+    long_row_ids: tuple[int, ...] = ()  # rows whose TextDesc1 is long_row_chars long
+    long_row_chars: int = 2 << 20
     # Benchmarks: render the backlog once, at start, in this format, and serve plain requests
     # (no date or call/service filter, no shuffling, no body fault) from memory.
     prerender: Prerender = "none"
@@ -139,10 +155,17 @@ class SimulatorConfig:
             ("empty_style", EmptyStyle),
             ("auth_failure_style", AuthFailureStyle),
             ("transfer", Transfer),
+            ("encoding", BodyEncoding),
             ("prerender", Prerender),
         ):
             choices = get_args(allowed)
             check(getattr(self, name) in choices, f"{name} must be one of {', '.join(choices)}")
+        for name in ("broken_row_ids", "long_row_ids"):
+            ids = getattr(self, name)
+            ok = isinstance(ids, tuple) and all(type(i) is int and i >= 1 for i in ids)
+            check(ok, f"{name} must be a tuple of IDs >= 1")
+        check(self.long_row_chars >= 1, "long_row_chars must be >= 1")
+        check(not (self.bom and self.encoding != "utf-8"), "bom needs encoding utf-8")
         check(self.latency_s >= 0, "latency_s must be >= 0")
         check(self.retry_after_s >= 0, "retry_after_s must be >= 0")
         for name in ("malformed_rate", "error_rate", "rate_limit_rate", "truncate_rate",

@@ -1,9 +1,11 @@
-"""Files as the provider's SFTP/FTP delivery would write them."""
+"""Files as the provider's SFTP or FTP delivery would write them, plain or compressed."""
 
 from __future__ import annotations
 
+import gzip
 import logging
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -15,7 +17,7 @@ from streamer.simulator.render import Renderer
 
 logger = logging.getLogger("streamer.simulator")  # one name for the whole simulator
 
-# --- files: the provider's SFTP delivery ----------------------------------------------------
+# --- files: the provider's SFTP and FTP delivery --------------------------------------------
 
 Cadence = Literal["daily", "hourly", "20min"]
 CADENCES: Mapping[str, timedelta] = {
@@ -23,6 +25,8 @@ CADENCES: Mapping[str, timedelta] = {
     "hourly": timedelta(hours=1),
     "20min": timedelta(minutes=20),
 }
+Compress = Literal["none", "gz", "zip"]
+COMPRESSIONS: tuple[str, ...] = ("none", "gz", "zip")
 
 
 def file_name(period_start: datetime, fmt: str) -> str:
@@ -37,20 +41,24 @@ def write_files(
     cadence: Cadence,
     fmt: str,
     upto_id: int | None = None,
+    compress: Compress = "none",
 ) -> list[Path]:
-    """Write the files the provider would deliver by SFTP, with the feed's data for the seed.
+    """Write the files the provider would deliver by SFTP or FTP, with the feed's data.
 
     CDRs 1..`upto_id` (default: `config.backlog`), one file per period of `cadence`
     (UTC, so no name repeats when the clocks go back) that holds any, by the call's
     UTCDateTime, rows in ID order, rendered as the feed renders `fmt` with the config's
     variants (header, date styles, malformed rows...). Each file is written under a
     temporary name (a dot first, so no glob on `cdr_*` matches it) and then renamed, so a
-    reader never sees half a file. Returns the paths written, in period order.
+    reader never sees half a file. `compress`: gzip each file (`.csv.gz`) or zip it alone
+    (`.csv.zip`, the member named as the plain file). Returns the paths, in period order.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if cadence not in CADENCES:
         raise ConfigError(f"cadence must be one of {', '.join(CADENCES)}, not {cadence!r}")
+    if compress not in COMPRESSIONS:
+        raise ConfigError(f"compress must be one of {', '.join(COMPRESSIONS)}, not {compress!r}")
     last = config.backlog if upto_id is None else upto_id
     generator = CdrGenerator(
         config.seed,
@@ -89,7 +97,8 @@ def write_files(
         ]
         if rows:
             name = file_name(period, fmt)
-            written.append(_write_file(directory / name, Renderer(fmt, config), generator, rows))
+            renderer = Renderer(fmt, config)
+            written.append(_write_file(directory / name, renderer, generator, rows, compress))
         period += step
     return written
 
@@ -99,13 +108,35 @@ def _write_file(
     renderer: Renderer,
     generator: CdrGenerator,
     rows: list[tuple[int, dict[str, str]]],
+    compress: Compress = "none",
 ) -> Path:
     """One file, written to a temporary name and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(renderer.preamble())
-        for i, (cdr_id, row) in enumerate(rows):
-            f.write(renderer.row(generator.wire_row(cdr_id, row), i == 0))
-        f.write(renderer.trailer())
-    tmp.replace(path)
-    return path
+    final = path if compress == "none" else path.with_name(f"{path.name}.{compress}")
+    tmp = final.with_name(f".{final.name}.tmp")
+    with tmp.open("wb") as raw:
+        if compress == "gz":
+            # mtime=0 and no name in the header: the same seed gives the same bytes.
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
+                _render(f.write, renderer, generator, rows)
+        elif compress == "zip":
+            with zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as archive:
+                member = zipfile.ZipInfo(path.name, date_time=(1980, 1, 1, 0, 0, 0))
+                member.compress_type = zipfile.ZIP_DEFLATED
+                with archive.open(member, "w") as f:
+                    _render(f.write, renderer, generator, rows)
+        else:
+            _render(raw.write, renderer, generator, rows)
+    tmp.replace(final)
+    return final
+
+
+def _render(
+    write: Callable[[bytes], object],
+    renderer: Renderer,
+    generator: CdrGenerator,
+    rows: list[tuple[int, dict[str, str]]],
+) -> None:
+    write(renderer.preamble())
+    for i, (cdr_id, row) in enumerate(rows):
+        write(renderer.row(generator.wire_row(cdr_id, row), i == 0))
+    write(renderer.trailer())

@@ -108,10 +108,23 @@ _HTML_ERROR = (
     "later.</p>\n</body>\n</html>\n"
 )
 _HTML_TYPE = "text/html; charset=UTF-8"  # what a PHP script sends when it sets nothing
+# A PHP login check's message inside the site's page template.
+_HTML_AUTH_FAILURE = (
+    "<!DOCTYPE html>\n<html>\n<head><title>Billing Feed</title></head>\n<body>\n"
+    f'<h1>Billing Feed</h1>\n<p class="error">{AUTH_FAILURE_TEXT}</p>\n</body>\n</html>\n'
+)
+_CHARSETS: Mapping[str, str] = {"utf-8": "utf-8", "cp1252": "windows-1252", "latin-1": "iso-8859-1"}
 _FORM_TYPE = "application/x-www-form-urlencoded"
 _MAX_FORM_BYTES = 1 << 20
 _PRERENDERED_CHUNK_BYTES = 1 << 18  # chunked transfer of a prerendered answer
 _REDACT = re.compile(r"(password=)[^&\s'\"]*", re.IGNORECASE)
+
+
+def _content_type(fmt: str, config: SimulatorConfig) -> str:
+    """The feed's Content-Type, naming the body's charset (json: always UTF-8 by RFC 8259)."""
+    if fmt == "json" or config.encoding == "utf-8":
+        return _CONTENT_TYPES[fmt]
+    return _CONTENT_TYPES[fmt].replace("utf-8", _CHARSETS[config.encoding])
 
 
 class _Server(ThreadingHTTPServer):
@@ -228,10 +241,11 @@ class _Handler(BaseHTTPRequestHandler):
         password_ok = hmac.compare_digest(
             params.get("password", "").encode(), cfg.password.encode()
         )
-        if fault == "auth_text200" or not (login_ok and password_ok):
-            style = "text200" if fault == "auth_text200" else cfg.auth_failure_style
-            status = 200 if style == "text200" else int(style)
-            self._send_text(status, AUTH_FAILURE_TEXT, content_type=_HTML_TYPE, fault=fault)
+        if fault in ("auth_text200", "auth_html200") or not (login_ok and password_ok):
+            style = fault.removeprefix("auth_") if fault else cfg.auth_failure_style
+            status = int(style) if style.isdigit() else 200
+            text = _HTML_AUTH_FAILURE if style == "html200" else AUTH_FAILURE_TEXT
+            self._send_text(status, text, content_type=_HTML_TYPE, fault=fault)
             return
         try:
             fmt, query = _parse_query(params)
@@ -265,7 +279,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._record(status, 0, fault)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        if status != 204:  # a 204 has no body, so no Content-Length either (RFC 9110)
+            self.send_header("Content-Length", str(len(body)))
         for name, value in headers:
             self.send_header(name, value)
         self.end_headers()
@@ -315,7 +330,12 @@ class _Handler(BaseHTTPRequestHandler):
         le = cfg.line_ending.encode()
         counter = RowCount()
         parts = self._parts(fmt, query, counter)
-        content_type = _CONTENT_TYPES[fmt]
+        content_type = _content_type(fmt, cfg)
+        head = next(parts)
+        if head.rows == 0 and cfg.empty_style == "no_content":
+            self._send_text(204, "", fault=fault)
+            return
+        parts = itertools.chain([head], parts)
 
         if body_fault in ("truncate", "truncate_chunked"):
             # Cut in the middle of a row of the first part, then hang up.
@@ -338,11 +358,12 @@ class _Handler(BaseHTTPRequestHandler):
             pieces: list[bytes] = []
             total = 0
             for part in parts:
-                rows = part.pieces[len(part.pieces) - part.rows :]  # after any preamble
-                head = part.pieces[: len(part.pieces) - part.rows]
+                rendered = part.pieces[len(part.pieces) - part.rows :]  # after any preamble
+                preamble = part.pieces[: len(part.pieces) - part.rows]
                 if total + part.rows > cfg.cut_after_rows:
                     keep = cfg.cut_after_rows - total
-                    pieces += [*head, *rows[:keep], rows[keep][: len(rows[keep]) // 2]]
+                    half = rendered[keep][: len(rendered[keep]) // 2]
+                    pieces += [*preamble, *rendered[:keep], half]
                     self._record(200, cfg.cut_after_rows + 1, fault)
                     self.close_connection = True
                     body = b"".join(pieces)
@@ -395,7 +416,7 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         sim, cfg = self.sim, self.sim.config
         preamble, rows, trailer, count = prerendered.response(query.from_id, cfg.max_rows)
-        content_type = _CONTENT_TYPES[prerendered.fmt]
+        content_type = _content_type(prerendered.fmt, cfg)
         if cfg.transfer == "length" or (cfg.transfer == "auto" and count <= cfg.batch_rows):
             self._record(200, count, fault)
             size = len(preamble) + len(rows) + len(trailer)

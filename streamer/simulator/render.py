@@ -13,7 +13,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from streamer.records import FIELDS
-from streamer.simulator.config import DELIMITERS, NUMERIC_FIELDS, SimulatorConfig
+from streamer.simulator.config import (
+    DELIMITERS,
+    DIAERESIS,
+    NO_RECORDS_TEXT,
+    NUMERIC_FIELDS,
+    SimulatorConfig,
+)
 from streamer.simulator.data import CdrGenerator
 from streamer.simulator.store import FeedQuery, FeedStore
 
@@ -22,6 +28,7 @@ logger = logging.getLogger("streamer.simulator")  # one name for the whole simul
 # --- rendering -------------------------------------------------------------------------------
 
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?")
+_UNQUOTED = "\x00broken\x00"  # stands in for the field whose quote is left open
 
 
 def _php_json_string(text: str) -> str:
@@ -57,6 +64,9 @@ class Renderer:
         self._config = config
         self._le = config.line_ending
         self._bom = "\ufeff" if config.bom else ""
+        self._encoding = config.encoding
+        self._broken = frozenset(str(i) for i in config.broken_row_ids)
+        self._long = frozenset(str(i) for i in config.long_row_ids)
         self._buffer = io.StringIO()
         self._writer = csv.writer(
             self._buffer,
@@ -71,6 +81,11 @@ class Renderer:
         self._writer.writerow(values)
         return self._buffer.getvalue()
 
+    def _bytes(self, text: str) -> bytes:
+        if self._encoding == "utf-8":
+            return text.encode()
+        return text.translate(DIAERESIS).encode(self._encoding, "replace")
+
     def preamble(self) -> bytes:
         if self._fmt == "json":
             return (self._bom + "[").encode()
@@ -83,17 +98,37 @@ class Renderer:
         return (self._le + "]").encode() if self._config.json_pretty else b"]"
 
     def empty(self) -> bytes:
+        """The body without rows (HTTP 204 is the server's: then this is never sent)."""
+        style = self._config.empty_style
+        if style == "text":
+            return NO_RECORDS_TEXT.encode()
         if self._fmt == "json":
-            return (self._bom + "[]").encode()
-        if self._config.empty_style == "header" and self._config.header:
+            return b"null" if style == "null" else (self._bom + "[]").encode()
+        if style == "header" and self._config.header:
             return self.preamble()
         return b""
 
     def row(self, row: Mapping[str, str], first: bool) -> bytes:
         cfg = self._config
         values = _styled(row, cfg.date_style, cfg.datetime_style)
+        cdr_id = values.get("ID")
+        if cdr_id in self._long:
+            values["TextDesc1"] = "x" * cfg.long_row_chars
+        broken = cdr_id in self._broken
         if self._fmt != "json":
-            return self._line([values[name] for name in FIELDS if name in values]).encode()
+            if not broken:
+                return self._bytes(self._line([values[name] for name in FIELDS if name in values]))
+            # A quote opened and never closed: the text after it has no quote, delimiter or
+            # line end of its own, so the break is that quote alone.
+            text = re.sub(
+                r"[\"\r\n" + re.escape(DELIMITERS[self._fmt]) + "]", " ", values["TextDesc2"]
+            )
+            values["TextDesc2"] = _UNQUOTED
+            line = self._line([values[name] for name in FIELDS if name in values])
+            line = line.replace(f'"{_UNQUOTED}"', _UNQUOTED).replace(_UNQUOTED, '"' + text)
+            return self._bytes(line)
+        if self._encoding != "utf-8":
+            values = {name: value.translate(DIAERESIS) for name, value in values.items()}
         members = [
             (
                 _php_json_string(name),
@@ -109,6 +144,8 @@ class Renderer:
             text = f"{le}    {{{le}{body}{le}    }}"
         else:
             text = "{" + ",".join(f"{k}:{v}" for k, v in members) + "}"
+        if broken:  # the comma after the first member left out
+            text = text.replace(",", " ", 1)
         separator = "" if first else ("," if cfg.json_pretty else "," + le)
         return (separator + text).encode()
 

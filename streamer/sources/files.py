@@ -9,8 +9,9 @@ hourly or every 20 minutes; the web feed's fields). A poll of one SFTP source:
    complete: its size and mtime unchanged across listings for `settle_s` (measured
    between listings, never by sleeping), so a file still being written is not read.
 3. Read each complete file in name order, streamed in windows of pipelined reads,
-   parsed by `formats.parse_rows` (format configured, or from the extension) and
-   typed by `records.to_record`; rows already confirmed are skipped.
+   inflated on the way if compressed (`.gz`, `.zip`: `sources/compression.py`),
+   parsed by `formats.parse_rows` (format configured, or from the extension beneath
+   any `.gz`) and typed by `records.to_record`; rows already confirmed are skipped.
 4. Publish through the feed's own `EventSink`: the same Avro events keyed by
    AccountCode, dead letters, headers with source="sftp" (and `file`).
 5. Every `checkpoint_every` rows and at the end of a file: flush and check every
@@ -75,12 +76,14 @@ from streamer.errors import (
     SftpUnavailableError,
 )
 from streamer.formats import parse_rows
+from streamer.limits import DEFAULT_MAX_BYTES, capped
 from streamer.metrics import SftpSourceMetrics
 from streamer.pipeline import Commit, Drive
 from streamer.publisher import Publisher
 from streamer.records import Rejection
 from streamer.sink import EventSink
 from streamer.sources.base import FileServer, FileSession, RemoteFile
+from streamer.sources.compression import MAX_DECOMPRESSED_BYTES, compression_of, decompressed
 
 log = logging.getLogger(__name__)
 
@@ -227,10 +230,13 @@ class FilePollResult:
 
 
 def format_of(name: str, configured: str) -> str | None:
-    """The file's format: the configured one, or (auto) its extension's; None if unknown."""
+    """The file's format: the configured one, or (auto) its extension's; None if unknown.
+
+    A compression suffix is looked through: `cdr_1.csv.gz` is csv.
+    """
     if configured != "auto":
         return configured
-    return EXTENSION_FORMATS.get(posixpath.splitext(name)[1].lower())
+    return EXTENSION_FORMATS.get(posixpath.splitext(compression_of(name)[0])[1].lower())
 
 
 class FilePosition:
@@ -285,15 +291,18 @@ class FileCollector:
         sftp_metrics: SftpSourceMetrics,
         pattern: str = "*",
         fmt: str = "auto",
+        encoding: str = "utf-8",
         settle_s: float = 60.0,
         after: str = "keep",
         quarantine_dir: str = "",
         checkpoint_every: int = 10_000,
+        max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES,
         exactly_once: bool = False,
         feed_cursor: Callable[[], int] | None = None,
         stop: threading.Event | None = None,
         abort_on_stop: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        max_file_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if exactly_once and not isinstance(cursor_store, JsonKafkaCursorStore):
             raise TypeError("exactly-once needs the cursor in Kafka")
@@ -302,6 +311,7 @@ class FileCollector:
         self.directory = directory
         self.pattern = pattern
         self.fmt = fmt
+        self.encoding = encoding  # of the files: one of formats.ENCODINGS
         self.after, self.after_dir = parse_after(after)
         self.quarantine_dir = quarantine_dir
         self.sink = sink
@@ -310,12 +320,14 @@ class FileCollector:
         self.sftp_metrics = sftp_metrics
         self.cursor_store = cursor_store
         self.checkpoint_every = checkpoint_every
+        self.max_decompressed_bytes = max_decompressed_bytes
         self.exactly_once = exactly_once
         self.feed_cursor = feed_cursor
         self.stop = stop or threading.Event()
         # Cluster mode: `stop` abandons a file mid-read too (else only between files).
         self.abort_on_stop = abort_on_stop
         self.tracker = SettleTracker(settle_s, clock)
+        self.max_file_bytes = max_file_bytes
         self._committed: FileCursor | None = None
 
     def close(self) -> None:
@@ -454,7 +466,13 @@ class FileCollector:
                         f"cannot tell the format of {f.name} from its extension: set format",
                         reason="unknown_format",
                     )
-                rows = parse_rows(session.read(self._path(f.name), count_bytes), fmt)
+                # A file over max_file_bytes is not a feed file: quarantined like any other.
+                data = capped(
+                    session.read(self._path(f.name), count_bytes), self.max_file_bytes,
+                    where=f.name, setting="max_file_bytes",
+                )  # fmt: skip
+                content = decompressed(data, f.name, max_bytes=self.max_decompressed_bytes)
+                rows = parse_rows(content, fmt, self.encoding)
                 # Rows confirmed before a restart are not handed on again.
                 drive.run(itertools.islice(rows, start, None))
             except FileNotFoundError:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import pytest
-from helpers import write_config
+from helpers import FEED_PASSWORD, write_config
+
+from streamer.simulator import BillingFeedSimulator, SimulatorConfig
 
 
 @pytest.fixture
@@ -23,3 +25,19 @@ def streamer_config(tmp_path: Path, kafka_bootstrap: str, topic_name: str) -> Ca
         )
 
     return make
+
+
+@pytest.fixture
+def simulator() -> Iterator[Callable[..., BillingFeedSimulator]]:
+    """Start billing-feed simulators (over HTTP on loopback); all stop after the test."""
+    started: list[BillingFeedSimulator] = []
+
+    def start(**config: Any) -> BillingFeedSimulator:
+        sim = BillingFeedSimulator(SimulatorConfig(password=FEED_PASSWORD, **config))
+        sim.start()
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()

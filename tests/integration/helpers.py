@@ -41,11 +41,16 @@ def load_cdr_schema() -> Any:
     return fastavro.parse_schema(json.loads(SCHEMA_PATH.read_text()))
 
 
-def decode_event(data: bytes, schema: Any) -> dict[str, Any]:
+def schema_fingerprint(schema: Any) -> bytes:
+    """The schema's CRC-64-AVRO fingerprint, as single-object encoding carries it."""
+    canonical = fastavro.schema.to_parsing_canonical_form(schema)
+    return bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
+
+
+def decode_event(data: bytes, schema: Any, fingerprint: bytes) -> dict[str, Any]:
     """Avro single-object encoding, per the Avro specification."""
     assert data[:2] == b"\xc3\x01", "missing single-object marker"
-    canonical = fastavro.schema.to_parsing_canonical_form(schema)
-    assert data[2:10] == bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
+    assert data[2:10] == fingerprint
     value: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(data[10:]), schema, None)
     return value
 
@@ -91,12 +96,13 @@ def read_topic(bootstrap: str, topic: str, *, timeout_s: float = 60.0) -> list[A
 
 def read_events(bootstrap: str, topic: str) -> list[Event]:
     schema = load_cdr_schema()
+    fingerprint = schema_fingerprint(schema)  # once: it takes about a millisecond
     events = []
     for msg in read_topic(bootstrap, topic):
         events.append(
             Event(
                 key=msg.key().decode("utf-8"),
-                value=decode_event(msg.value(), schema),
+                value=decode_event(msg.value(), schema, fingerprint),
                 partition=msg.partition(),
                 timestamp_ms=msg.timestamp()[1],
                 headers=dict(msg.headers() or []),
@@ -153,6 +159,9 @@ def write_config(
         f'dead_letter_topic = "{topic}-dlq"',
         "partitions = 3",
     ]
+    # A transactional id of its own: tests sharing a broker (KAFKA_BOOTSTRAP_SERVERS) with
+    # other test runs never fence each other's feeds; two instances of one config still do.
+    kafka.setdefault("transactional_id_prefix", f"test-{uuid4().hex[:8]}")
     lines += [f"{k} = {json.dumps(v)}" for k, v in kafka.items()]
     lines += ["[metrics]", "port = 0"]
     for feed in feeds:

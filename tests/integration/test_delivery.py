@@ -102,15 +102,17 @@ def test_second_instance_fences_the_first(
     topic_name: str,
 ) -> None:
     sim = simulator(backlog=500, rate_per_s=50)
+    prefix = f"fence-{topic_name}"  # both instances share one config, so one id
     config = streamer_config(
-        [feed(sim, tmp_path)], delivery="exactly_once", cursor_topic=f"{topic_name}-cursors"
-    )
+        [feed(sim, tmp_path)], delivery="exactly_once", cursor_topic=f"{topic_name}-cursors",
+        transactional_id_prefix=prefix,
+    )  # fmt: skip
     first = StreamerProcess(config, tmp_path / "first.log")
     first.wait_for(lambda: "cursor 0 -> " in first.log(), "the first instance's first poll")
     second = StreamerProcess(config, tmp_path / "second.log")
     try:
         assert first.proc.wait(120) == 3, first.log()[-3000:]
-        assert "Kafka fenced transactional id 'cdr-streamer-main'" in first.log()
+        assert f"Kafka fenced transactional id '{prefix}-main'" in first.log()
         assert "another cdr-streamer took over this feed" in first.log()
         second.wait_for(lambda: "cursor" in second.log() and " -> " in second.log(), "a poll")
     finally:

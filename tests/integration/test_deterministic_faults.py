@@ -7,6 +7,7 @@ with the broker's reason, the cursor reaches the last ID, in both delivery modes
 
 from __future__ import annotations
 
+import subprocess
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,28 @@ def _feed(sim: BillingFeedSimulator, tmp_path: Path) -> dict[str, object]:
     }
 
 
+Stream = Callable[[BillingFeedSimulator, dict[str, str]], "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture
+def stream(tmp_path: Path, topic_name: str, streamer_config: Callable[..., Path]) -> Stream:
+    """`cdr-streamer run --once` against `sim` in a delivery mode; it must exit 0."""
+
+    def run(sim: BillingFeedSimulator, mode: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        config = streamer_config(
+            [_feed(sim, tmp_path)], cursor_topic=f"{topic_name}-cursors", **mode
+        )
+        done = run_streamer("run", "--config", str(config), "--once", timeout_s=180)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    return run
+
+
+def _ids(kafka_bootstrap: str, topic: str) -> Counter[int]:
+    return Counter(e.value["ID"] for e in read_events(kafka_bootstrap, topic))
+
+
 def _cursor(kafka_bootstrap: str, topic: str, mode: dict[str, str], tmp_path: Path) -> int | None:
     if mode:
         return read_cursor_topic(kafka_bootstrap, f"{topic}-cursors", "main")
@@ -54,7 +77,7 @@ def test_call_times_kafka_would_refuse_are_published_with_the_produce_time(
     tmp_path: Path,
     kafka_bootstrap: str,
     topic_name: str,
-    streamer_config: Callable[..., Path],
+    stream: Stream,
     mode: dict[str, str],
 ) -> None:
     odd = {20: "future_utc", 21: "before_1970", 150: "future_utc"}
@@ -63,11 +86,7 @@ def test_call_times_kafka_would_refuse_are_published_with_the_produce_time(
         SimulatorConfig(password=FEED_PASSWORD, backlog=BACKLOG, odd_rows=config_text)
     )
     with sim:
-        config = streamer_config(
-            [_feed(sim, tmp_path)], cursor_topic=f"{topic_name}-cursors", **mode
-        )
-        done = run_streamer("run", "--config", str(config), "--once", timeout_s=120)
-    assert done.returncode == 0, done.stderr
+        done = stream(sim, mode)
     events = read_events(kafka_bootstrap, topic_name)
     ids = Counter(e.value["ID"] for e in events)
     assert set(ids) == set(range(1, BACKLOG + 1))
@@ -86,7 +105,7 @@ def test_an_event_kafka_refuses_is_dead_lettered_and_the_rest_committed(
     tmp_path: Path,
     kafka_bootstrap: str,
     topic_name: str,
-    streamer_config: Callable[..., Path],
+    stream: Stream,
     mode: dict[str, str],
 ) -> None:
     # A topic whose max.message.bytes a 30 KB event exceeds; ordinary batches fit.
@@ -101,12 +120,8 @@ def test_an_event_kafka_refuses_is_dead_lettered_and_the_rest_committed(
         )
     )  # fmt: skip
     with sim:
-        config = streamer_config(
-            [_feed(sim, tmp_path)], cursor_topic=f"{topic_name}-cursors", **mode
-        )
-        done = run_streamer("run", "--config", str(config), "--once", timeout_s=180)
-    assert done.returncode == 0, done.stderr
-    ids = Counter(e.value["ID"] for e in read_events(kafka_bootstrap, topic_name))
+        done = stream(sim, mode)
+    ids = _ids(kafka_bootstrap, topic_name)
     assert set(ids) == set(range(1, BACKLOG + 1)) - refused
     assert max(ids.values()) == 1  # the isolation re-produced nothing twice
     dead = read_dead_letters(kafka_bootstrap, topic_name)
@@ -125,7 +140,7 @@ def test_a_body_cut_short_every_time_publishes_each_row_once(
     tmp_path: Path,
     kafka_bootstrap: str,
     topic_name: str,
-    streamer_config: Callable[..., Path],
+    stream: Stream,
     mode: dict[str, str],
 ) -> None:
     # Unsorted 100-row batches, each response cut inside its first batch, 4 times in a
@@ -137,13 +152,9 @@ def test_a_body_cut_short_every_time_publishes_each_row_once(
     )
     with sim:
         sim.inject("truncate", count=4)
-        config = streamer_config(
-            [_feed(sim, tmp_path)], cursor_topic=f"{topic_name}-cursors", **mode
-        )
-        done = run_streamer("run", "--config", str(config), "--once", timeout_s=120)
-    assert done.returncode == 0, done.stderr
+        done = stream(sim, mode)
     assert done.stderr.count("the response broke off after") == 4
-    ids = Counter(e.value["ID"] for e in read_events(kafka_bootstrap, topic_name))
+    ids = _ids(kafka_bootstrap, topic_name)
     assert set(ids) == set(range(1, BACKLOG + 1))
     assert max(ids.values()) == 1  # no duplicate at all, though 4 responses broke off
     assert _cursor(kafka_bootstrap, topic_name, mode, tmp_path) == BACKLOG
@@ -154,24 +165,20 @@ def test_a_row_without_an_id_at_the_end_is_dead_lettered_once(
     tmp_path: Path,
     kafka_bootstrap: str,
     topic_name: str,
-    streamer_config: Callable[..., Path],
+    stream: Stream,
     mode: dict[str, str],
 ) -> None:
     sim = BillingFeedSimulator(
         SimulatorConfig(password=FEED_PASSWORD, backlog=100, odd_rows="100:no_id")
     )
     with sim:
-        config = streamer_config(
-            [_feed(sim, tmp_path)], cursor_topic=f"{topic_name}-cursors", **mode
-        )
         for _ in range(3):  # three polls, each ending in the same row without an ID
-            done = run_streamer("run", "--config", str(config), "--once", timeout_s=120)
-            assert done.returncode == 0, done.stderr
+            stream(sim, mode)
     dead = read_dead_letters(kafka_bootstrap, topic_name)
     assert len(dead) == 1
     assert dead[0]["id"] is None
     assert _cursor(kafka_bootstrap, topic_name, mode, tmp_path) == 99
-    ids = Counter(e.value["ID"] for e in read_events(kafka_bootstrap, topic_name))
+    ids = _ids(kafka_bootstrap, topic_name)
     assert set(ids) == set(range(1, 100))
     assert max(ids.values()) == 1
 
@@ -181,7 +188,7 @@ def test_an_answer_cut_at_the_same_place_every_time_is_caught_up_by_date_windows
     tmp_path: Path,
     kafka_bootstrap: str,
     topic_name: str,
-    streamer_config: Callable[..., Path],
+    stream: Stream,
     mode: dict[str, str],
 ) -> None:
     # A PHP time limit: any answer of more than 150 rows is cut after row 150, and the
@@ -193,16 +200,12 @@ def test_an_answer_cut_at_the_same_place_every_time_is_caught_up_by_date_windows
         )
     )  # fmt: skip
     with sim:
-        config = streamer_config(
-            [_feed(sim, tmp_path)], cursor_topic=f"{topic_name}-cursors", **mode
-        )
-        done = run_streamer("run", "--config", str(config), "--once", timeout_s=180)
+        done = stream(sim, mode)
         windows = [r for r in sim.requests if "date" in r.params]
-    assert done.returncode == 0, done.stderr
     assert "catching up by date windows" in done.stderr
     assert "caught up by date windows" in done.stderr
     assert windows, "the catch-up asked for date windows"
-    ids = Counter(e.value["ID"] for e in read_events(kafka_bootstrap, topic_name))
+    ids = _ids(kafka_bootstrap, topic_name)
     assert set(ids) == set(range(1, BACKLOG + 1))
     assert max(ids.values()) == 1
     assert _cursor(kafka_bootstrap, topic_name, mode, tmp_path) == BACKLOG

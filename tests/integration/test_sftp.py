@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import os
-import random
-import subprocess
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,23 +18,29 @@ from typing import Any
 
 import pytest
 import sshd
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from file_sources import (
+    CHECKPOINT_EVERY,
+    CRASH_ROWS,
+    CURSOR_FILE,
+    SOURCE,
+    assert_resumed_without_loss,
+    file_cursor,
+    files_config,
+    kill_twice_mid_file,
+)
 from helpers import (
-    FEED_PASSWORD,
     StreamerProcess,
     read_dead_letters,
     read_events,
-    read_topic,
     run_streamer,
     write_config,
 )
 
 from streamer.config import Secret
 from streamer.errors import AuthError, ConfigError, HostKeyError
-from streamer.simulator import BillingFeedSimulator, SimulatorConfig, write_files
+from streamer.records import FIELDS
+from streamer.simulator import BillingFeedSimulator, write_files
 from streamer.sources.sftp import SftpServer
-
-SOURCE = "files"
 
 
 @pytest.fixture(scope="module")
@@ -159,25 +161,9 @@ def source(
         "name": SOURCE, "host": ssh.host, "port": ssh.port, "user": ssh.user,
         "password_file": str(password_file), "known_hosts": str(ssh.known_hosts),
         "directory": str(directory), "pattern": "cdr_*", "settle_s": 0,
-        "poll_interval_s": 0.2, "cursor_file": str(tmp_path / "sftp-cursor.json"),
+        "poll_interval_s": 0.2, "cursor_file": str(tmp_path / CURSOR_FILE),
         "backoff_base_s": 0.2, "backoff_max_s": 2, **extra,
     }  # fmt: skip
-
-
-def files_config(seed: int, **extra: Any) -> SimulatorConfig:
-    return SimulatorConfig(password="-", seed=seed, **extra)  # files need no password
-
-
-def sftp_cursor(tmp_path: Path, bootstrap: str, cursor_topic: str | None) -> dict[str, Any]:
-    """The SFTP source's committed cursor, from its file or the cursor topic."""
-    if cursor_topic is None:
-        path = tmp_path / "sftp-cursor.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-    latest: dict[str, Any] = {}
-    for msg in read_topic(bootstrap, cursor_topic):
-        if msg.key() == f"sftp:{SOURCE}".encode():
-            latest = json.loads(msg.value())
-    return latest
 
 
 def test_wrong_password_stops_the_source_with_exit_code_3(
@@ -244,10 +230,14 @@ def test_malformed_file_is_quarantined_while_the_others_go_on(
     good = write_files(files_config(6), directory, cadence="hourly", fmt="json", upto_id=360)
     (directory / "cdr_20240301_0030.csv").write_text("this is not\na CDR file\n")
     (directory / "cdr_20240301_0130.json").write_text('[{"ID": "1", "AccountCode": "8')
+    # Over max_file_bytes (each good file is far smaller): set aside like a malformed one.
+    cap = 100_000
+    assert max(p.stat().st_size for p in good) < cap
+    (directory / "cdr_20240301_0230.csv").write_text(",".join(FIELDS) + "\n" * (2 * cap))
     config = write_config(
         tmp_path / "config.toml", bootstrap=kafka_bootstrap, topic=topic_name, feeds=[],
         sftp=[source(ssh, directory, tmp_path, password_file, after="move:done",
-                     quarantine_dir="quarantine")],
+                     quarantine_dir="quarantine", max_file_bytes=cap)],
     )  # fmt: skip
     done = run_streamer("run", "--config", str(config), "--once", timeout_s=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -260,29 +250,19 @@ def test_malformed_file_is_quarantined_while_the_others_go_on(
     assert sorted((d["reason"], d["file"], d["source"]) for d in dead) == [
         ("bad_file", "cdr_20240301_0030.csv", "sftp"),
         ("bad_file", "cdr_20240301_0130.json", "sftp"),
+        ("bad_file", "cdr_20240301_0230.csv", "sftp"),
     ]
+    (too_big,) = [d for d in dead if d["file"] == "cdr_20240301_0230.csv"]
+    assert f"holds more than {cap} bytes (max_file_bytes)" in too_big["detail"]
     assert sorted(p.name for p in (directory / "quarantine").iterdir()) == [
-        "cdr_20240301_0030.csv", "cdr_20240301_0130.json",
+        "cdr_20240301_0030.csv", "cdr_20240301_0130.json", "cdr_20240301_0230.csv",
     ]  # fmt: skip
     assert sorted(p.name for p in (directory / "done").iterdir()) == [p.name for p in good]
     assert not list(directory.glob("cdr_*"))
-    cursor = sftp_cursor(tmp_path, kafka_bootstrap, None)
+    cursor = file_cursor(tmp_path, kafka_bootstrap, None)
     assert cursor["files"]["cdr_20240301_0030.csv"] == "quarantined"
     assert cursor["files"][good[0].name] == "done"
     assert "quarantining cdr_20240301_0030.csv" in done.stderr
-
-
-CRASH_ROWS = 50_000
-CHECKPOINT_EVERY = 1_000
-
-
-def produced(consumer: Consumer, topic: str) -> int:
-    """Messages in the topic's log now, committed or not (the sum of high watermarks)."""
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    return sum(
-        consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-        for p in partitions
-    )
 
 
 @pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
@@ -306,72 +286,11 @@ def test_kill_9_mid_file_resumes_without_loss(
         sftp=[source(ssh, directory, tmp_path, password_file)], delivery=delivery,
         cursor_topic=f"{topic_name}-cursors", checkpoint_every=CHECKPOINT_EVERY,
     )  # fmt: skip
-    watcher = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": "watermarks"})
-    rows_at_kill: list[int] = []
-    rng = random.Random(20260301)
-    try:
-        for i, threshold in enumerate((8_000, 25_000)):
-            streamer = StreamerProcess(config, tmp_path / f"run-{i}.log")
-            try:
-                deadline = time.monotonic() + 120
-                while produced_or_zero(watcher, topic_name) < threshold:
-                    assert streamer.proc.poll() is None, streamer.log()[-3000:]
-                    assert time.monotonic() < deadline, streamer.log()[-3000:]
-                    time.sleep(0.01)  # the polling period of the check
-                # Then a random instant later, so the kill may land mid-batch or mid-flush.
-                with pytest.raises(subprocess.TimeoutExpired):
-                    streamer.proc.wait(rng.uniform(0.02, 0.4))
-            finally:
-                streamer.kill()
-            cursor = sftp_cursor(tmp_path, kafka_bootstrap, cursor_topic)
-            assert cursor.get("files", {}).get(big.name) is None, "the file was done already"
-            rows_at_kill.append(cursor.get("rows", 0) if cursor.get("current") else 0)
-    finally:
-        watcher.close()
-    assert rows_at_kill == sorted(rows_at_kill)
-    assert rows_at_kill[-1] > 0, "no checkpoint was committed before the second kill"
-
-    finish = run_streamer("run", "--config", str(config), "--once", timeout_s=300)
-    assert finish.returncode == 0, finish.stderr[-3000:]
-    assert f"resuming {big.name} after row {rows_at_kill[-1]}" in finish.stderr
-    assert sftp_cursor(tmp_path, kafka_bootstrap, cursor_topic)["files"] == {big.name: "done"}
-
-    ids = Counter(e.value["ID"] for e in read_events(kafka_bootstrap, topic_name))
-    assert set(ids) == set(range(1, CRASH_ROWS + 1)), "a CDR was lost"
-    duplicated = {i for i, n in ids.items() if n > 1}
-    if delivery == "exactly_once":
-        assert not duplicated
-    else:
-        # Only the batch unconfirmed at a kill may come again: rows (committed, + batch].
-        allowed: set[int] = set()
-        for rows in rows_at_kill:
-            allowed |= set(range(rows + 1, rows + CHECKPOINT_EVERY + 1))
-        assert duplicated <= allowed
-
-
-def produced_or_zero(consumer: Consumer, topic: str) -> int:
-    """`produced`, or 0 while the streamer's new topic has no leaders yet."""
-    if topic not in consumer.list_topics(timeout=10).topics:
-        return 0
-    try:
-        return produced(consumer, topic)
-    except KafkaException:
-        return 0
-
-
-@pytest.fixture
-def simulator() -> Iterator[Callable[..., BillingFeedSimulator]]:
-    started: list[BillingFeedSimulator] = []
-
-    def start(**config: Any) -> BillingFeedSimulator:
-        sim = BillingFeedSimulator(SimulatorConfig(password=FEED_PASSWORD, **config))
-        sim.start()
-        started.append(sim)
-        return sim
-
-    yield start
-    for sim in started:
-        sim.stop()
+    where = (tmp_path, kafka_bootstrap, topic_name, cursor_topic, big.name)
+    rows_at_kill = kill_twice_mid_file(config, *where)
+    assert_resumed_without_loss(
+        config, *where, rows_at_kill, exactly_once=delivery == "exactly_once"
+    )
 
 
 @pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
@@ -405,7 +324,7 @@ def test_feed_and_sftp_over_overlapping_ids(
     sim.add(2000)
     second = run_streamer("run", "--config", str(config), "--once", timeout_s=180)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "published by SFTP; cursor 1500 -> 3500" in second.stderr
+    assert "published by its file source; cursor 1500 -> 3500" in second.stderr
 
     events = read_events(kafka_bootstrap, topic_name)
     ids = Counter(e.value["ID"] for e in events)

@@ -54,3 +54,11 @@ def test_streamer_reads_its_password_from_the_compose_secret(compose_config: str
     secret = Path(feed["password_file"])
     assert secret.parent == Path("/run/secrets")
     assert re.search(rf"^  {re.escape(secret.name)}:\n    file: ", compose_config, re.MULTILINE)
+
+
+def test_the_container_serves_metrics_beyond_its_own_loopback() -> None:
+    # The plain CLI listens on 127.0.0.1 by default; the image and compose say 0.0.0.0.
+    config = tomllib.loads((REPO_ROOT / "deploy" / "config.toml").read_text())
+    assert config["metrics"]["host"] == "0.0.0.0"
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ENV CDR_METRICS_HOST=0\.0\.0\.0$", dockerfile, re.MULTILINE)

@@ -133,3 +133,111 @@ def test_producer_secrets_stay_out_of_repr() -> None:
         env={"CDR_FEED_PASSWORD": "x"},
     )
     assert "kafka-secret" not in repr(s)
+
+
+ENV = {"CDR_FEED_PASSWORD": "x"}
+
+
+def test_body_limits_have_sane_defaults_and_are_checked() -> None:
+    feed = parse_settings(settings_of(FEED), env=ENV).feeds[0]
+    assert feed.max_body_bytes == 4 << 30
+    assert feed.max_expansion_ratio == 100
+    bad = {**FEED, "max_body_bytes": 0, "max_expansion_ratio": 0.5}
+    with pytest.raises(ConfigError) as info:
+        parse_settings(settings_of(bad), env=ENV)
+    assert "feeds[main].max_body_bytes: must be at least 1, not 0" in str(info.value)
+    assert "feeds[main].max_expansion_ratio: must be at least 1, not 0.5" in str(info.value)
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise() -> None:
+    assert parse_settings(settings_of(FEED), env=ENV).metrics.host == "127.0.0.1"
+    docker = parse_settings(settings_of(FEED), env={**ENV, "CDR_METRICS_HOST": "0.0.0.0"})
+    assert docker.metrics.host == "0.0.0.0"
+    # The file decides over the environment.
+    data = {**settings_of(FEED), "metrics": {"host": "::1"}}
+    assert parse_settings(data, env={**ENV, "CDR_METRICS_HOST": "0.0.0.0"}).metrics.host == "::1"
+
+
+def test_metrics_credentials_come_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("Bearer-T0ken\n")
+    data = {
+        **settings_of(FEED),
+        "metrics": {
+            "basic_auth_user": "prometheus",
+            "basic_auth_password_env": "METRICS_PW",
+            "bearer_token_file": str(token),
+            "auth_probes": True,
+        },
+    }
+    m = parse_settings(data, env={**ENV, "METRICS_PW": "Scr4pe!"}).metrics
+    assert m.basic_auth_password == Secret("Scr4pe!")
+    assert m.bearer_token == Secret("Bearer-T0ken")
+    assert m.auth_probes
+    assert "Scr4pe!" not in repr(m)
+    assert "Bearer-T0ken" not in repr(m)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "problem"),
+    [
+        ({"basic_auth_user": "p"}, "metrics.basic_auth_user: has no password"),
+        ({"basic_auth_password_env": "PW"}, "metrics.basic_auth_password: has no user"),
+        ({"basic_auth_password": "inline"}, "metrics.basic_auth_password: not in the file"),
+        ({"bearer_token": "inline"}, "metrics.bearer_token: not in the file"),
+        ({"bearer_token_env": "NOT_SET"}, "environment variable NOT_SET is not set"),
+        ({"auth_probes": True}, "metrics.auth_probes: needs basic_auth_user or bearer_token"),
+        ({"tls_cert_file": "/nonexistent.pem"}, "TLS needs both tls_cert_file and tls_key_file"),
+        (
+            {"tls_cert_file": "/nonexistent.pem", "tls_key_file": "/nonexistent.key"},
+            "metrics.tls_key_file: /nonexistent.key is not a readable file",
+        ),
+        ({"port": 70000}, "metrics.port: must be 0..65535"),
+    ],
+)
+def test_metrics_settings_problems(metrics: dict[str, object], problem: str) -> None:
+    data = {**settings_of(FEED), "metrics": metrics}
+    with pytest.raises(ConfigError) as info:
+        parse_settings(data, env={**ENV, "PW": "pw"})
+    assert problem in str(info.value)
+
+
+def test_sftp_files_have_the_same_cap() -> None:
+    source = {"name": "files", "host": "h", "user": "u", "password": "p"}
+    data = {**settings_of(FEED), "sftp": [{**source, "trust_unknown_host_key": True}]}
+    assert parse_settings(data, env=ENV).sftp[0].max_file_bytes == 4 << 30
+    data = {**settings_of(FEED), "sftp": [{**source, "max_file_bytes": 0}]}
+    with pytest.raises(ConfigError, match=r"sftp\[files\].max_file_bytes: must be at least 1"):
+        parse_settings(data, env=ENV)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (None, "utf-8"),
+        ("cp1252", "cp1252"),
+        ("Windows-1252", "cp1252"),
+        ("ISO-8859-1", "latin-1"),
+        ("latin-1", "latin-1"),
+        ("auto", "auto"),
+        ("UTF8", "utf-8"),
+    ],
+)
+def test_feed_and_sftp_encoding(tmp_path: Path, given: str | None, expected: str) -> None:
+    extra = {} if given is None else {"encoding": given}
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    data = settings_of({**FEED, **extra})
+    data["sftp"] = [
+        {"name": "files", "host": "h", "user": "u", "password": "p",
+         "known_hosts": str(known_hosts), **extra}
+    ]  # fmt: skip
+    s = parse_settings(data, env={"CDR_FEED_PASSWORD": "pw"})
+    assert s.feeds[0].encoding == expected
+    assert s.sftp[0].encoding == expected
+
+
+def test_unknown_encoding_refused_with_the_choices() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(settings_of({**FEED, "encoding": "ebcdic"}), env={"CDR_FEED_PASSWORD": "p"})
+    assert "feeds[main].encoding: must be one of utf-8, cp1252" in str(info.value)

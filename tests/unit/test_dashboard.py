@@ -71,3 +71,22 @@ def test_the_provider_loads_the_directory_compose_mounts() -> None:
     compose = (REPO_ROOT / "docker-compose.yml").read_text()
     assert f"./grafana/dashboards:{path}:ro" in compose
     assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in compose
+
+
+def test_calls_and_spend_row_and_a_calls_only_error_ratio(dashboard: dict[str, Any]) -> None:
+    by_title = {p["title"]: p for p in panels(dashboard)}
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert "Calls and spend" in rows
+    for title in (
+        "ASR and NER",
+        "ACD (average call duration)",
+        "Spend by call type (NZD incl. GST per hour)",
+        "Spend by direction (NZD incl. GST per hour)",
+        "International spend (NZD incl. GST per hour)",
+    ):
+        assert title in by_title
+    # SMS and service fees are not calls: the error Status ratio counts call attempts only.
+    ratio = by_title["Error Status ratio (share of calls not Ok)"]
+    for target in ratio["targets"]:
+        assert "cdr_streamer_call_attempts_total" in target["expr"]
+        assert "events_published" not in target["expr"]

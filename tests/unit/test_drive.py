@@ -109,11 +109,11 @@ def rows(ids: list[int]) -> Iterator[Row]:
         yield Row(dict(zip(FIELDS, values.values(), strict=True)), ",".join(values.values()))
 
 
-def make_sink(publisher: FakePublisher) -> EventSink:
+def make_sink(publisher: FakePublisher, encoder: Any = None) -> EventSink:
     metrics = Metrics(CollectorRegistry()).for_feed("main")
     return EventSink(
         name="main", source="feed", slot=PublisherSlot(lambda: publisher, lambda: publisher),
-        encoder=Encoder(), topic="events", dead_letter_topic="dead", metrics=metrics,
+        encoder=encoder or Encoder(), topic="events", dead_letter_topic="dead", metrics=metrics,
         flush_timeout_s=1.0,
     )  # fmt: skip
 
@@ -261,3 +261,37 @@ def test_a_stop_mid_response_abandons_the_batch_since_the_last_checkpoint() -> N
     assert store.load() == 6  # the checkpoints at 3 and 6; rows 7 (produced) are not
     assert sorted(delivered_ids(publisher)) == [1, 2, 3, 4, 5, 6]
     assert drive.tally.rows == 7
+
+
+@pytest.mark.parametrize("cdr_id", [1, 63, 64, 5001, 2**31 + 7, 2**62])
+def test_event_id_reads_the_first_field_in_either_framing(cdr_id: int) -> None:
+    from dataclasses import replace
+
+    from cdr_samples import sample_records
+
+    from streamer.avro import SingleObjectEncoder
+    from streamer.sink import event_id
+
+    single = SingleObjectEncoder().encode(replace(sample_records()[0], id=cdr_id))
+    assert event_id(single) == cdr_id
+    assert event_id(b"\x00\x00\x00\x00\x07" + single[10:]) == cdr_id  # registry framing
+    assert event_id(b"{}") is None
+
+
+def test_a_refused_event_no_longer_held_is_still_dead_lettered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import streamer.sink
+    from streamer.avro import SingleObjectEncoder
+    from streamer.sink import event_id
+
+    monkeypatch.setattr(streamer.sink, "MAX_RECENT_KEPT", 1)  # only the last message held
+    publisher, store = FakePublisher(refuse_ids={1}), MemoryCursorStore(0)
+    sink = make_sink(publisher, SingleObjectEncoder())
+    drive = drive_once(publisher, store, rows([1, 2, 3]), sink=sink)
+    drive.checkpoint()
+    assert sorted(event_id(m.value) for m in publisher.delivered if m.topic == "events") == [2, 3]
+    dead = [json.loads(m.value) for m in publisher.delivered if m.topic == "dead"]
+    assert [(d["id"], d["raw"]) for d in dead] == [(1, "")]
+    assert store.load() == 3
+

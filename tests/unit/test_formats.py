@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tracemalloc
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import pairwise
 
@@ -13,8 +14,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from streamer.errors import BadResponseError
-from streamer.formats import FORMAT_NAMES, FORMATS, MAX_RECORD_CHARS, parse_rows
-from streamer.records import FIELDS, REASONS, Rejection, Row
+from streamer.formats import ENCODINGS, FORMAT_NAMES, FORMATS, MAX_RECORD_CHARS, parse_rows
+from streamer.records import FIELDS, MAX_ROW_CHARS, REASONS, Rejection, Row, to_record
 
 DELIMITED = ("csv", "txt", "pipe")
 BOM = b"\xef\xbb\xbf"
@@ -61,12 +62,19 @@ def sample(n: int) -> dict[str, str]:
     return values
 
 
+class Unquoted(list[str]):
+    """A row that write_rows joins with the delimiter as it is (a broken one, say)."""
+
+
 def write_rows(
     rows: Sequence[Sequence[str]], fmt: str, eol: str = "\r\n", final_eol: bool = True
 ) -> tuple[str, list[str]]:
     """The body csv.writer makes of `rows` in the dialect of `fmt`, and each row's raw text."""
     raws = []
     for row in rows:
+        if isinstance(row, Unquoted):
+            raws.append(FORMATS[fmt].join(row))
+            continue
         out = io.StringIO()
         csv.writer(out, delimiter=FORMATS[fmt], lineterminator=eol).writerow(row)
         raws.append(out.getvalue().removesuffix(eol))
@@ -83,8 +91,10 @@ def split_at(body: bytes, cuts: Iterable[int]) -> list[bytes]:
     return [body[a:b] for a, b in pairwise(points)]
 
 
-def parse(body: bytes | Iterable[bytes], fmt: str) -> list[Row | Rejection]:
-    return list(parse_rows([body] if isinstance(body, bytes) else body, fmt))
+def parse(
+    body: bytes | Iterable[bytes], fmt: str, encoding: str = "utf-8"
+) -> list[Row | Rejection]:
+    return list(parse_rows([body] if isinstance(body, bytes) else body, fmt, encoding))
 
 
 def values_of(item: Row | Rejection) -> dict[str, str]:
@@ -120,6 +130,12 @@ def test_format_table() -> None:
 def test_unknown_format_fails_at_the_call() -> None:
     with pytest.raises(ValueError, match="xml"):
         parse_rows([b""], "xml")
+
+
+def test_unknown_encoding_fails_at_the_call() -> None:
+    assert ENCODINGS == ("utf-8", "cp1252", "latin-1", "auto")
+    with pytest.raises(ValueError, match="ebcdic"):
+        parse_rows([b""], "csv", "ebcdic")
 
 
 # --- delimited layouts ---------------------------------------------------------------
@@ -264,6 +280,9 @@ HEADER = {fmt: FORMATS[fmt].join(FIELDS).encode() for fmt in DELIMITED}
         ("json", b"[]"),
         ("json", b" [ \r\n ] \n"),
         ("json", BOM + b"[]\n"),
+        ("json", b"null"),  # PHP's json_encode of an empty result
+        ("json", b" null\r\n"),
+        ("json", BOM + b"null"),
         ("csv", BOM),
     ],
 )
@@ -279,6 +298,12 @@ GOOD_JSON = json_text(2).encode()
 
 def json_without(name: str) -> bytes:
     return json.dumps({k: v for k, v in sample(2).items() if k != name}).encode()
+
+
+# A row whose TextDesc2 opens a quote that never closes (written by hand: csv.writer cannot).
+UNCLOSED = Unquoted([*row_of(6)[:19], '"Spark', *row_of(6)[20:]])
+UNCLOSED_LINE = ",".join(UNCLOSED)
+LONG_FIELD = "x" * (csv.field_size_limit() + 10)
 
 
 REJECTIONS: list[tuple[str, bytes, list[str]]] = [
@@ -307,6 +332,28 @@ REJECTIONS: list[tuple[str, bytes, list[str]]] = [
     ("json", b'[3, "text", [1, 2], null, true, ' + GOOD_JSON + b"]", ["bad_json"] * 5 + ["row"]),
     ("json", b"[" + GOOD_JSON.replace(b'"Spark"', b'{"x": 1}') + b"]", ["bad_json"]),
     ("json", b"[" + GOOD_JSON.replace(b'"Spark"', b"[]") + b"]", ["bad_json"]),
+    # Resynchronising: one broken record is one rejection, and reading goes on after it.
+    ("csv", csv_body(row_of(2), UNCLOSED, row_of(4)), ["row", "unclosed_quote", "row"]),
+    ("txt", csv_body(UNCLOSED, row_of(4), fmt="txt"), ["unclosed_quote", "row"]),
+    (
+        "pipe",
+        csv_body(UNCLOSED, row_of(3), row_of(4), fmt="pipe"),
+        ["unclosed_quote", "row", "row"],
+    ),
+    # The next row holds quotes and line ends of its own: it is still read as a row.
+    ("txt", csv_body(UNCLOSED, row_of(3), row_of(4), fmt="txt"), ["unclosed_quote", "row", "row"]),
+    ("csv", csv_body(UNCLOSED, row_of(3), fmt="csv"), ["unclosed_quote", "row"]),
+    ("csv", csv_body(row_of(2), UNCLOSED), ["row", "unclosed_quote"]),  # the last line
+    ("json", b'[{"ID": x}]', ["bad_json_element"]),
+    ("json", b'[{"ID" "1"}, ' + GOOD_JSON + b"]", ["bad_json_element", "row"]),
+    (
+        "json",
+        b"[" + GOOD_JSON + b', {"ID": "1",}, ' + GOOD_JSON + b"]",
+        ["row", "bad_json_element", "row"],
+    ),
+    ("json", b"[" + GOOD_JSON + b" " + GOOD_JSON + b"]", ["row", "bad_json_element"]),
+    ("json", b"[" + GOOD_JSON + b"}, " + GOOD_JSON + b"]", ["row", "bad_json_element", "row"]),
+    ("csv", csv_body(["1", LONG_FIELD]).replace(b"xxx", b'"xx', 1) + GOOD, ["row_too_long", "row"]),
 ]
 
 
@@ -321,7 +368,10 @@ def test_rejections(fmt: str, body: bytes, expected: list[str]) -> None:
 
 
 def test_every_rejection_reason_has_a_case() -> None:
-    produced = {"wrong_field_count", "missing_field", "bad_json", "bad_encoding"}
+    produced = {
+        "wrong_field_count", "missing_field", "bad_json", "bad_encoding", "unclosed_quote",
+        "bad_json_element", "row_too_long",
+    }  # fmt: skip
     assert {reason for _, _, expected in REJECTIONS for reason in expected} == produced | {"row"}
     assert produced <= set(REASONS)
 
@@ -336,8 +386,9 @@ def test_bad_encoding_raw_is_the_row_decoded_with_replacement() -> None:
     line = GOOD.replace(b"Spark", b"Sp\xe9rk \xf0\x9f")
     (rejection,) = parse(line + b"\r\n", "csv")
     assert rejection == Rejection(
-        "bad_encoding", "the row is not valid UTF-8", line.decode("utf-8", "replace"), 1002
+        "bad_encoding", "the row is not valid UTF-8", line.decode("utf-8", "replace"), 1002, line
     )
+    assert rejection.original_bytes() == line  # for a replay, byte for byte
 
 
 def test_missing_field_names_the_fields() -> None:
@@ -352,7 +403,6 @@ def test_missing_field_names_the_fields() -> None:
 HTML = b"<!DOCTYPE html>\n<html><head><title>Login</title></head>\n<body>Error</body></html>\n"
 ELEMENT = GOOD_JSON.decode()
 FIRST_25 = ",".join(row_of(2)[:25])
-LONG_FIELD = "x" * (csv.field_size_limit() + 10)
 
 FAILURES: list[tuple[str, bytes, str, str]] = [
     # (format, body, reason, text the message must show)
@@ -364,12 +414,11 @@ FAILURES: list[tuple[str, bytes, str, str]] = [
     ("csv", FIRST_25.encode() + b"\n" + GOOD, "not_feed", "25 field(s)"),
     ("pipe", "|".join([*row_of(2), "1"]).encode() + b"\n", "not_feed", "27 field(s)"),
     ("csv", b"x" * (MAX_RECORD_CHARS + 10), "not_feed", "xxxx"),
-    ("csv", csv_body(["1", LONG_FIELD]).replace(b"xxx", b'"xx', 1), "not_feed", "field limit"),
+    ("csv", b'x,"' + LONG_FIELD.encode(), "not_feed", "field limit"),
     ("json", b"Invalid login", "not_feed", "Invalid login"),
     ("json", b'{"error": "Invalid login"}', "not_feed", "Invalid login"),
     ("json", HTML, "not_feed", "<!DOCTYPE html>"),
-    ("json", b"null", "not_feed", "null"),
-    ("json", b'[{"TextDesc1": "' + b"x" * MAX_RECORD_CHARS + b'"}]', "not_feed", "TextDesc1"),
+    ("json", b"null,", "not_feed", "null"),
     ("json", b"[" * 5000, "bad_json", "too deep"),
     ("csv", csv_body(row_of(2)) + GOOD[:60], "truncated", "fields"),
     ("csv", csv_body(row_of(2)) + b'1,"abc', "truncated", "quoted"),
@@ -393,13 +442,14 @@ FAILURES: list[tuple[str, bytes, str, str]] = [
         "bad_header",
         "ID",
     ),
-    ("json", b'[{"ID": x}]', "bad_json", "x}"),
-    ("json", b"[" + GOOD_JSON + b" " + GOOD_JSON + b"]", "bad_json", "expected , or ]"),
+    ("json", b'[{"ID": x]', "bad_json", "x]"),  # no element after it to resume at
+    ("json", b"[" + GOOD_JSON + b" x", "bad_json", "expected , or ]"),
     ("json", b"[" + GOOD_JSON + b",]", "bad_json", "comma"),
     ("json", b"[,]", "bad_json", "Expecting value"),
     ("json", b"[" + GOOD_JSON + b"] trailing", "bad_json", "trailing"),
-    ("json", b'[{"ID" "1"}]', "bad_json", "Expecting ':'"),
-    ("json", b'[{"ID": "1",}]', "bad_json", "Expecting property name"),
+    ("json", b'[{"ID" "1"]', "bad_json", "Expecting ':'"),
+    ("csv", csv_body(row_of(2)) + UNCLOSED_LINE.encode(), "truncated", "quoted"),  # no line end
+    ("txt", csv_body(row_of(2), fmt="txt") + b'1\t"a\n', "truncated", "quoted"),
 ]
 
 
@@ -490,20 +540,220 @@ def endless(start: bytes, repeat: bytes) -> Iterator[bytes]:
         yield repeat
 
 
+def test_a_first_record_that_never_ends_is_refused() -> None:
+    # Memory stays bounded: a first line of no feed is refused once it passes the limit.
+    assert error_of(endless(b"", b"x" * 4096), "csv").reason == "not_feed"
+
+
+def streamed(*parts: bytes | tuple[bytes, int], size: int = 65536) -> Iterator[bytes]:
+    """The body `parts` make, in chunks of `size`; (piece, n) is `piece` n times, never joined."""
+    for part in parts:
+        if isinstance(part, bytes):
+            yield from chunked(part, size)
+        else:
+            piece, n = part
+            block = piece * max(1, size // len(piece))
+            count = n * len(piece)
+            while count > 0:
+                yield block[:count]
+                count -= len(block)
+
+
+LONG_MIB = 24  # far past MAX_RECORD_CHARS; the peak must not grow with it
+RECORD = "x" * 10
+
+
 @pytest.mark.parametrize(
-    ("fmt", "start", "repeat"),
+    ("fmt", "start", "filler", "end", "chars"),
     [
-        ("csv", b"", b"x" * 4096),  # a line that never ends
-        ("csv", HEADER["csv"] + b'\n1,"', b"quoted\n" * 512),  # a quote that never closes
-        ("txt", HEADER["txt"] + b'\n1\t"a\n"', b'\t"a\n"' * 512),  # a row that never ends
-        ("json", b'[{"TextDesc1": "', b"x" * 4096),  # a string that never closes
-        ("json", b"[" + GOOD_JSON[:-1], b', "x": 1' * 512),  # an object that never closes
+        pytest.param(
+            "csv",
+            HEADER["csv"] + b"\n" + ",".join(row_of(2)[:18]).encode() + b",",
+            b"x",
+            b"," + ",".join(row_of(2)[19:]).encode() + b"\n",
+            len(",".join(row_of(2)[19:])),
+            id="csv-line",
+        ),
+        pytest.param(
+            "txt",
+            HEADER["txt"] + b"\n" + "\t".join(row_of(2)[:18]).encode() + b'\t"',
+            b"x" * 999 + b"\n",
+            b'"\n',
+            0,
+            id="txt-quoted-lines",
+        ),
+        pytest.param(
+            "json",
+            b'[{"ID": "1002", "TextDesc1": "',
+            b"x",
+            b'"}',
+            0,
+            id="json-element",
+        ),
     ],
-    ids=["line", "quote", "fields", "json-string", "json-object"],
 )
-def test_a_record_that_never_ends_is_refused(fmt: str, start: bytes, repeat: bytes) -> None:
-    # Memory stays bounded: the parser gives up instead of buffering the endless record.
-    assert error_of(endless(start, repeat), fmt).reason == "not_feed"
+def test_a_row_of_any_length_is_one_rejection_and_reading_goes_on(
+    fmt: str, start: bytes, filler: bytes, end: bytes, chars: int
+) -> None:
+    n = (LONG_MIB << 20) // len(filler)
+    sep = b"," if fmt == "json" else b""
+    good = GOOD_JSON if fmt == "json" else FORMATS[fmt].join(row_of(4)).encode() + b"\n"
+    tail = (sep + good + b"]") if fmt == "json" else good
+    tracemalloc.start()
+    try:
+        got = parse(streamed(start, (filler, n), end, tail), fmt)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 << 20, peak  # a few records and chunks, not the 24 MiB row
+    long, row = got
+    assert isinstance(long, Rejection)
+    assert isinstance(row, Row)
+    assert row.values["ID"] == ("1002" if fmt == "json" else "1004")
+    assert long.reason == "row_too_long"
+    assert long.cdr_id == 1002
+    assert long.raw_chars is not None
+    assert long.raw_chars >= n * len(filler)
+    if fmt == "csv":  # the whole line, without its line end
+        assert long.raw_chars == len(start) - len(HEADER["csv"]) - 1 + n + chars + 1
+    assert len(long.raw) == MAX_ROW_CHARS
+    assert long.raw.startswith(start.split(b"\n")[-1].decode().lstrip("["))
+    assert f"row of {long.raw_chars} characters" in long.detail
+
+
+def test_a_long_json_element_is_the_same_rejection_whatever_the_chunks() -> None:
+    element = GOOD_JSON.replace(b'"Mobile call"', b'"' + b"y" * (MAX_RECORD_CHARS + 5) + b'"')
+    body = b"[" + GOOD_JSON + b", " + element + b" ,\n" + GOOD_JSON + b"]"
+    whole = parse(body, "json")  # decoded at once, then found too long
+    streamed_in_pieces = parse(chunked(body, 4096), "json")  # skipped as it streams
+    assert whole == streamed_in_pieces
+    assert [getattr(item, "reason", "row") for item in whole] == ["row", "row_too_long", "row"]
+    long = whole[1]
+    assert isinstance(long, Rejection)
+    assert (long.cdr_id, long.raw_chars) == (1002, len(element))
+    assert long.raw == element[:MAX_ROW_CHARS].decode()
+
+
+def test_a_long_field_at_the_csv_field_limit_is_a_row_too_long() -> None:
+    line = ",".join([*row_of(2)[:18], LONG_FIELD, *row_of(2)[19:]])
+    got = parse(csv_body() + line.encode() + b"\r\n" + GOOD + b"\r\n", "csv")
+    assert [getattr(item, "reason", "row") for item in got] == ["row_too_long", "row"]
+    assert got[0] == Rejection(
+        "row_too_long", f"row of {len(line)} characters (at most {MAX_ROW_CHARS}); reading "
+        "resumed after it", line[:MAX_ROW_CHARS], 1002, None, len(line),
+    )  # fmt: skip
+
+
+def test_a_json_element_cut_short_by_the_end_of_the_body_is_truncated() -> None:
+    body = streamed(b'[{"ID": "1", "TextDesc1": "', (b"x", 3 << 20))
+    assert error_of(body, "json").reason == "truncated"
+
+
+# --- resynchronising -----------------------------------------------------------------
+
+
+def test_an_unclosed_quote_is_the_broken_row_alone_with_its_id() -> None:
+    text = ",".join(UNCLOSED)
+    got = parse(csv_body(row_of(2), UNCLOSED, row_of(4)), "csv")
+    assert got[1] == Rejection(
+        "unclosed_quote",
+        "a quoted field is not closed before the next row; reading resumed there",
+        text,
+        1006,
+    )
+    assert [values_of(got[0]), values_of(got[2])] == [sample(2), sample(4)]
+
+
+def test_an_unclosed_quote_on_the_last_line_is_a_rejection_not_a_cut() -> None:
+    for eol in ("\n", "\r\n"):
+        body = csv_body(row_of(2), fmt="pipe") + "|".join(UNCLOSED).encode() + eol.encode()
+        got = parse(body, "pipe")
+        assert [getattr(item, "reason", "row") for item in got] == ["row", "unclosed_quote"]
+        assert got[1].raw == "|".join(UNCLOSED)
+
+
+def test_legitimate_line_ends_in_quotes_still_read_after_a_resync() -> None:
+    # Row 3 holds quoted line ends; row 1 is broken right before it.
+    body = csv_body(UNCLOSED, row_of(3), row_of(5), fmt="txt")
+    got = parse(body, "txt")
+    assert [getattr(item, "reason", "row") for item in got] == ["unclosed_quote", "row", "row"]
+    assert [values_of(got[1]), values_of(got[2])] == [sample(3), sample(5)]
+
+
+def test_a_broken_json_element_is_rejected_with_its_text_and_id() -> None:
+    broken = GOOD_JSON.replace(b'"Spark"', b'"Sp"ark"', 1)
+    got = parse(b"[" + json_text(1).encode() + b",\n" + broken + b",\n" + GOOD_JSON + b"]", "json")
+    assert [getattr(item, "reason", "row") for item in got] == ["row", "bad_json_element", "row"]
+    rejection = got[1]
+    assert isinstance(rejection, Rejection)
+    assert rejection.raw == broken.decode()
+    assert rejection.cdr_id == 1002
+    assert "Expecting ',' delimiter" in rejection.detail
+    assert [values_of(got[0]), values_of(got[2])] == [sample(1), sample(2)]
+
+
+# --- encodings -----------------------------------------------------------------------
+
+EN_DASH = "\u2013"  # a cp1252 character that Latin-1 has not
+LATIN = sample(2) | {"TextDesc1": "Café Müller", "TextDesc2": f"naïve {EN_DASH} 5 €"}
+
+
+def latin_body(fmt: str, codec: str) -> bytes:
+    rows = [row_of(2), [LATIN[name] for name in FIELDS]]
+    if fmt == "json":
+        return json.dumps([sample(2), LATIN], ensure_ascii=False).encode(codec)
+    text, _ = write_rows([FIELDS, *rows], fmt)
+    return text.encode(codec)
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@pytest.mark.parametrize("encoding", ["cp1252", "auto"])
+def test_a_cp1252_body_reads_with_its_encoding(fmt: str, encoding: str) -> None:
+    body = latin_body(fmt, "cp1252")
+    got = parse(body, fmt, encoding)
+    assert [values_of(item) for item in got] == [sample(2), LATIN]
+    # ASCII rows are UTF-8 too; the other row remembers how it was read.
+    assert got[1].codec == "cp1252"
+    assert got[1].raw.encode("cp1252") in body
+    assert parse(chunked(body, 1), fmt, encoding) == got
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_a_latin1_body_reads_as_latin1(fmt: str) -> None:
+    latin = {k: v.replace(EN_DASH, "-").replace("€", "EUR") for k, v in LATIN.items()}
+    body = latin_body(fmt, "cp1252").replace(EN_DASH.encode("cp1252"), b"-")
+    body = body.replace("€".encode("cp1252"), b"EUR")
+    assert [values_of(item) for item in parse(body, fmt, "latin-1")] == [sample(2), latin]
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_a_cp1252_row_read_as_utf8_is_a_rejection_that_keeps_its_bytes(fmt: str) -> None:
+    body = latin_body(fmt, "cp1252")
+    row, rejection = parse(body, fmt)
+    assert values_of(row) == sample(2)
+    assert isinstance(rejection, Rejection)
+    assert rejection.reason == "bad_encoding"
+    assert "\ufffd" in rejection.raw
+    original = rejection.original_bytes()
+    assert original.decode("cp1252") in body.decode("cp1252")
+    assert b"Caf\xe9 M\xfcller" in original
+
+
+def test_auto_decides_per_row_and_rejects_what_is_neither() -> None:
+    utf8 = ",".join(row_of(3 - 1)).replace("Spark", "Ōtautahi").encode()
+    cp1252 = ",".join([LATIN[name] for name in FIELDS]).encode("cp1252")
+    neither = cp1252.replace(b"Caf\xe9", b"Caf\x81")  # 0x81 is no cp1252 character
+    got = parse(b"\r\n".join([HEADER["csv"], utf8, cp1252, neither]) + b"\r\n", "csv", "auto")
+    assert [getattr(item, "reason", "row") for item in got] == ["row", "row", "bad_encoding"]
+    assert got[0].codec == "utf-8"
+    assert values_of(got[0])["TextDesc2"] == "Ōtautahi"
+    assert got[1].codec == "cp1252"
+    assert values_of(got[1]) == LATIN
+    rejection = got[2]
+    assert isinstance(rejection, Rejection)
+    assert rejection.detail == "the row is neither UTF-8 nor cp1252"
+    assert rejection.original_bytes() == neither
+    assert rejection.raw == neither.decode("cp1252", "replace")
 
 
 def test_a_long_json_element_in_tiny_chunks_is_decoded_a_few_times(
@@ -613,28 +863,36 @@ def test_json_round_trip(
 
 
 def outcome(
-    chunks: Iterable[bytes], fmt: str
+    chunks: Iterable[bytes], fmt: str, encoding: str = "utf-8"
 ) -> tuple[list[Row | Rejection], BadResponseError | None]:
     """What parse_rows yields, and the BadResponseError that ended it, if any."""
     got: list[Row | Rejection] = []
     try:
-        got.extend(parse_rows(chunks, fmt))
+        got.extend(parse_rows(chunks, fmt, encoding))
     except BadResponseError as exc:
         return got, exc
     return got, None
 
 
-def check_items(items: Iterable[Row | Rejection]) -> None:
-    """Everything parse_rows yields is a Row or Rejection whose text is valid Unicode."""
+def check_items(items: Iterable[Row | Rejection], body: bytes | None = None) -> None:
+    """Everything parse_rows yields is a Row or Rejection whose text is valid Unicode.
+
+    With `body`: the bytes each item keeps (a row's raw text in its codec, a rejection's
+    original bytes) are the body's own bytes, so a dead letter can be replayed.
+    """
     for item in items:
         item.raw.encode("utf-8")
         if isinstance(item, Row):
             assert list(item.values) == list(FIELDS)
             for value in item.values.values():
                 value.encode("utf-8")
+            original = item.raw.encode(item.codec)
         else:
             assert isinstance(item, Rejection)
             assert item.reason in REASONS
+            original = item.original_bytes()
+        if body is not None:
+            assert original in body, (item, body)
 
 
 PIECES = st.one_of(
@@ -651,14 +909,17 @@ PIECES = st.one_of(
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 @settings(deadline=None, max_examples=300)
-@given(pieces=st.lists(PIECES, max_size=30), data=st.data())
+@given(pieces=st.lists(PIECES, max_size=30), encoding=st.sampled_from(ENCODINGS), data=st.data())
 def test_any_bytes_give_rows_rejections_or_bad_response(
-    fmt: str, pieces: list[bytes], data: st.DataObject
+    fmt: str, pieces: list[bytes], encoding: str, data: st.DataObject
 ) -> None:
     body = b"".join(pieces)
     cuts = data.draw(st.lists(st.integers(0, len(body)), max_size=6))
-    got, error = outcome(split_at(body, cuts), fmt)
-    check_items(got)
+    got, error = outcome(split_at(body, cuts), fmt, encoding)
+    check_items(got, body)
+    whole, whole_error = outcome([body], fmt, encoding)  # the chunks change nothing
+    assert got == whole
+    assert (error and error.reason) == (whole_error and whole_error.reason)
     if error is not None:
         assert error.reason in RESPONSE_REASONS
         assert str(error).isprintable()
@@ -666,10 +927,12 @@ def test_any_bytes_give_rows_rejections_or_bad_response(
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 @settings(deadline=None)
-@given(body=st.binary())
-def test_any_binary_gives_rows_rejections_or_bad_response(fmt: str, body: bytes) -> None:
-    got, error = outcome(chunked(body, 7), fmt)
-    check_items(got)
+@given(body=st.binary(), encoding=st.sampled_from(ENCODINGS))
+def test_any_binary_gives_rows_rejections_or_bad_response(
+    fmt: str, body: bytes, encoding: str
+) -> None:
+    got, error = outcome(chunked(body, 7), fmt, encoding)
+    check_items(got, body)
     assert error is None or error.reason in RESPONSE_REASONS
 
 
@@ -691,3 +954,43 @@ def test_every_cut_of_a_body_is_rows_then_at_most_truncated(fmt: str, body: byte
         else:
             assert error.reason == "truncated", (cut, error)
         assert got[:-1] == expected[: len(got[:-1])], cut
+
+
+def test_a_first_json_element_without_any_documented_field_is_no_feed_response() -> None:
+    body = b'[{"error": "unsupported request", "request": {"login": "81234567"}}]'
+    with pytest.raises(BadResponseError, match="none of the documented fields") as info:
+        list(parse_rows([body], "json"))
+    assert info.value.reason == "not_feed"
+    # An element with some documented keys is a row missing the others, as before.
+    (rejection,) = list(parse_rows([b'[{"id": "7", "error": "x"}]'], "json"))
+    assert isinstance(rejection, Rejection)
+    assert rejection.reason == "missing_field"
+
+
+def test_a_cp1252_row_rejected_when_typed_keeps_its_original_bytes() -> None:
+    line = ",".join([LATIN[name] if name != "Date" else "2024-13-45" for name in FIELDS])
+    (row,) = parse(line.encode("cp1252") + b"\r\n", "csv", "auto")
+    assert isinstance(row, Row)
+    rejection = to_record(row)
+    assert isinstance(rejection, Rejection)
+    assert rejection.reason == "bad_date"
+    assert rejection.original_bytes() == line.encode("cp1252")
+    assert rejection.raw == line
+
+
+def test_a_broken_element_after_a_long_buffer_is_only_itself() -> None:
+    # Small chunks make the buffer grow past MAX_RECORD_CHARS before the break is seen.
+    filler = b"y" * (MAX_RECORD_CHARS // 2)
+    first = GOOD_JSON.replace(b'"Mobile call"', b'"' + filler + b'"')
+    broken = b'{"ID": "7" "AccountCode": "1"}'
+    body = b"[" + first + b", " + broken + b", " + first + b"]"
+    for chunks in ([body], chunked(body, 4096)):
+        got = parse(chunks, "json")
+        assert [getattr(item, "reason", "row") for item in got] == [
+            "row",
+            "bad_json_element",
+            "row",
+        ]
+        assert got[1].raw == broken.decode()
+        assert got[1].raw_chars is None
+        assert got[1].cdr_id == 7

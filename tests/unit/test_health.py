@@ -175,3 +175,22 @@ def test_kafka_check_reports_an_unreachable_cluster() -> None:
     problem = check()
     assert problem is not None
     assert problem.startswith("no answer from the cluster within 0.5 s")
+
+
+def test_a_poll_running_too_long_makes_the_streamer_unready(metrics: Metrics) -> None:
+    now = [10_000.0]
+    readiness = Readiness(
+        metrics, FakeKafka(), max_failing_s=900, max_poll_s=60, clock=lambda: now[0]
+    )
+    main = metrics.for_feed("main")
+    main.poll_began(now=10_000)
+    assert readiness.problems() == []
+    started = "cdr_streamer_poll_started_timestamp_seconds"
+    assert metrics.registry.get_sample_value(started, {"feed": "main"}) == 10_000
+    now[0] = 10_061
+    assert readiness.problems() == [
+        "feed main: a poll has been running for 61 s (over 60 s): stuck?"
+    ]
+    main.poll_ended()
+    assert readiness.problems() == []
+    assert metrics.registry.get_sample_value(started, {"feed": "main"}) == 0

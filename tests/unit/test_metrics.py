@@ -8,14 +8,25 @@ import shutil
 import subprocess
 import time
 from collections import Counter
+from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 import pytest
+from cdr_samples import sample_records
 from confluent_kafka import Producer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamer.metrics import FeedMetrics, Metrics, parse_kafka_stats
+from streamer.metrics import (
+    VOICE_CALL_TYPES,
+    FeedMetrics,
+    Metrics,
+    UsageTally,
+    is_call,
+    parse_kafka_stats,
+)
+from streamer.records import CallRecord
 
 STATS_TIMEOUT_S = 30.0
 
@@ -283,6 +294,7 @@ def test_exposition_passes_promtool(registry: CollectorRegistry, feed: FeedMetri
         pytest.fail("promtool is not installed; run scripts/bootstrap", pytrace=False)
     feed.request("ok", 0.2, 100)
     feed.confirmed(Counter({("Ok", "outbound", "Local"): 3}), Counter({"bad_id": 1}), 1.7e9)
+    confirm(feed, [kpi_record("International"), kpi_record("Service", charge="-5")])
     feed.kafka_stats(stats_json())
     feed.poll_error("AuthError")
     result = subprocess.run(
@@ -293,3 +305,115 @@ def test_exposition_passes_promtool(registry: CollectorRegistry, feed: FeedMetri
         check=False,
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+# --- the telecom KPIs: calls, seconds, charges ------------------------------------------------
+
+
+def kpi_record(
+    call_type: str,
+    status: str = "Ok",
+    *,
+    direction: str = "outbound",
+    seconds: int = 60,
+    network_seconds: int = 42,
+    charge: str = "1.15",
+) -> CallRecord:
+    return replace(
+        sample_records()[0],
+        call_type=call_type,
+        status=status,
+        direction=direction,
+        seconds=seconds,
+        network_seconds=network_seconds,
+        charge=Decimal(charge),
+    )
+
+
+def confirm(feed: FeedMetrics, records: list[CallRecord]) -> None:
+    """What EventSink does: tally each published record, then confirm the batch."""
+    published: Counter[tuple[str, str, str]] = Counter()
+    usage = UsageTally()
+    for r in records:
+        published[(r.status, r.direction, r.call_type)] += 1
+        usage.add(r)
+    feed.confirmed(published, Counter(), 0, usage)
+
+
+def test_only_voice_call_types_are_calls() -> None:
+    assert {
+        "Local", "National", "Mobile", "International", "Onnet", "0800", "0900", "Directory",
+    } == VOICE_CALL_TYPES  # fmt: skip
+    assert is_call("International")
+    assert not is_call("SMS")
+    assert not is_call("Service")
+    assert not is_call("Broadband")  # a CallType the provider added: a fee until we know
+
+
+def test_kpi_counters_count_calls_seconds_and_charges(
+    registry: CollectorRegistry, feed: FeedMetrics
+) -> None:
+    confirm(
+        feed,
+        [
+            kpi_record("International", charge="2.30", network_seconds=100, seconds=120),
+            kpi_record("International", "Busy", charge="0", network_seconds=0, seconds=0),
+            kpi_record("International", "No Answer", charge="0", network_seconds=0, seconds=0),
+            kpi_record("Local", direction="inbound", network_seconds=30, seconds=30, charge="0"),
+            kpi_record("SMS", charge="0.10", network_seconds=0, seconds=0),
+            kpi_record("Service", charge="11.50", network_seconds=0, seconds=0),
+            kpi_record("Service", charge="-11.50", network_seconds=0, seconds=0),  # a credit
+        ],
+    )
+    intl = {"feed": "main", "source": "feed", "direction": "outbound", "call_type": "International"}
+    assert value(registry, "cdr_streamer_call_attempts_total", status="Ok", **intl) == 1
+    assert value(registry, "cdr_streamer_call_attempts_total", status="Busy", **intl) == 1
+    assert value(registry, "cdr_streamer_call_attempts_total", status="No Answer", **intl) == 1
+    assert value(registry, "cdr_streamer_calls_answered_total", **intl) == 1
+    assert value(registry, "cdr_streamer_call_connected_seconds_total", **intl) == 100
+    assert value(registry, "cdr_streamer_call_billed_seconds_total", **intl) == 120
+    assert value(registry, "cdr_streamer_charge_nzd_total", **intl) == pytest.approx(2.30)
+    local = {**intl, "direction": "inbound", "call_type": "Local"}
+    assert value(registry, "cdr_streamer_calls_answered_total", **local) == 1
+    assert value(registry, "cdr_streamer_call_connected_seconds_total", **local) == 30
+    assert value(registry, "cdr_streamer_charge_nzd_total", **local) is None  # nothing charged
+    # SMS and service fees are charged, but they are not calls.
+    for call_type in ("SMS", "Service"):
+        not_a_call = {**intl, "call_type": call_type}
+        assert value(registry, "cdr_streamer_calls_answered_total", **not_a_call) is None
+        assert value(registry, "cdr_streamer_call_billed_seconds_total", **not_a_call) is None
+        attempts = [
+            k for k in samples(registry)
+            if k[0] == "cdr_streamer_call_attempts_total" and ("call_type", call_type) in k[1]
+        ]  # fmt: skip
+        assert attempts == []
+    service = {**intl, "call_type": "Service"}
+    assert value(registry, "cdr_streamer_charge_nzd_total", **service) == pytest.approx(11.50)
+    assert value(registry, "cdr_streamer_charge_credit_nzd_total", **service) == pytest.approx(11.5)
+    assert value(registry, "cdr_streamer_charge_nzd_total", **{**intl, "call_type": "SMS"}) == (
+        pytest.approx(0.10)
+    )
+
+
+def test_kpi_counters_are_added_only_when_the_batch_is_confirmed(
+    registry: CollectorRegistry, feed: FeedMetrics
+) -> None:
+    usage = UsageTally()
+    usage.add(kpi_record("Mobile", charge="0.50"))
+    labels = {"feed": "main", "source": "feed", "direction": "outbound", "call_type": "Mobile"}
+    assert value(registry, "cdr_streamer_charge_nzd_total", **labels) is None
+    feed.confirmed(Counter({("Ok", "outbound", "Mobile"): 1}), Counter(), 0, usage)
+    assert value(registry, "cdr_streamer_charge_nzd_total", **labels) == pytest.approx(0.5)
+    assert value(registry, "cdr_streamer_calls_answered_total", **labels) == 1
+
+
+def test_kpi_labels_are_folded(registry: CollectorRegistry, feed: FeedMetrics) -> None:
+    confirm(feed, [kpi_record("Teleport", direction="sideways", charge="3")])
+    kpi_names = {
+        "cdr_streamer_call_attempts_total", "cdr_streamer_calls_answered_total",
+        "cdr_streamer_call_connected_seconds_total", "cdr_streamer_call_billed_seconds_total",
+        "cdr_streamer_charge_nzd_total",
+    }  # fmt: skip
+    found = [dict(labels) for name, labels in samples(registry) if name in kpi_names]
+    # An unknown CallType is not a call: only its charge counts, under `other`.
+    assert found == [{"feed": "main", "source": "feed", "direction": "other", "call_type": "other"}]

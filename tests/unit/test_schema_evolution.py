@@ -352,7 +352,7 @@ def event_for(writer: dict[str, Any]) -> dict[str, Any]:
     sample = to_avro_dict(sample_records()[0])
     event = {}
     for field in writer["fields"]:
-        name, kind = field["name"], field["type"]
+        name, kind = field["name"], _type_of(field["type"])
         if name in sample:
             event[name] = str(sample[name]) if kind == "string" else sample[name]
         else:
@@ -370,3 +370,30 @@ def resolve_one(writer: dict[str, Any], reader: dict[str, Any]) -> dict[str, Any
         buf, writer_schema, fastavro.parse_schema(reader)
     )
     return value
+
+
+# --- Java readers get java.lang.String ------------------------------------------------------------
+
+
+def _strip_java_hints(schema: Json) -> Json:
+    if isinstance(schema, dict):
+        return {k: _strip_java_hints(v) for k, v in schema.items() if k != "avro.java.string"}
+    if isinstance(schema, list):
+        return [_strip_java_hints(s) for s in schema]
+    return schema
+
+
+@pytest.mark.parametrize(
+    "path",
+    [CDR_SCHEMA_PATH, *(p for _, p in released_versions())],
+    ids=lambda p: p.name,
+)
+def test_string_fields_are_java_strings_without_changing_the_fingerprint(path: Path) -> None:
+    schema = read_json(path)
+    strings = [f for f in schema["fields"] if _type_of(f["type"]) == "string"]
+    assert len(strings) >= 14  # AccountCode, Direction, CallType, AParty, ...
+    for field in strings:
+        assert field["type"] == {"type": "string", "avro.java.string": "String"}, field["name"]
+    # The property is outside the parsing canonical form: the same fingerprint as without it.
+    plain = fastavro.parse_schema(_strip_java_hints(schema))
+    assert fingerprint(fastavro.parse_schema(schema)) == fingerprint(plain)

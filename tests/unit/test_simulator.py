@@ -26,6 +26,7 @@ from streamer.records import FIELDS
 from streamer.simulator import (
     CHATHAM,
     DELIMITERS,
+    DIAERESIS,
     FORMATS,
     MALFORMATIONS,
     SERVICE_CALL_TYPE,
@@ -470,6 +471,10 @@ def test_each_variant_is_honoured_in_each_format(
         ("pipe", "header", False, b""),
         ("json", "empty", True, b"[]"),
         ("json", "header", True, b"[]"),
+        ("json", "null", True, b"null"),
+        ("csv", "null", True, b""),
+        ("csv", "text", True, b"No records found"),
+        ("json", "text", True, b"No records found"),
     ],
 )
 def test_no_records(
@@ -478,6 +483,70 @@ def test_no_records(
     sim = make_sim(backlog=10, empty_style=empty_style, header=header)
     response = fetch(sim, fromid="10", format=fmt)
     assert (response.status_code, response.content) == (200, body)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_no_records_as_204(make_sim: MakeSim, fmt: str) -> None:
+    sim = make_sim(backlog=10, empty_style="no_content")
+    response = fetch(sim, fromid="10", format=fmt)
+    assert (response.status_code, response.content) == (204, b"")
+    assert "content-length" not in response.headers
+    assert fetch(sim, fromid="9", format=fmt).status_code == 200  # a row: a page as usual
+
+
+@pytest.mark.parametrize("fmt", ["csv", "txt", "pipe"])
+def test_broken_rows_open_a_quote_that_never_closes(make_sim: MakeSim, fmt: str) -> None:
+    sim = make_sim(backlog=5, broken_row_ids=(2,))
+    lines = fetch(sim, fromid="0", format=fmt).content.decode().splitlines()
+    delimiter = DELIMITERS[fmt]
+    # Header, then IDs 1..5: only row 2 is written differently, by one quote.
+    assert lines[2].startswith("2" + delimiter)
+    assert lines[2].count('"') == 1
+    cells = lines[2].split(delimiter)
+    assert cells[FIELDS.index("TextDesc2")].startswith('"')
+    assert len(cells) >= len(FIELDS)
+    assert decode("\n".join([lines[0], lines[1], *lines[3:]]).encode(), fmt, sim.config) == [
+        sim.row(i) for i in (1, 3, 4, 5)
+    ]
+
+
+def test_a_broken_json_element_lacks_a_comma(make_sim: MakeSim) -> None:
+    sim = make_sim(backlog=3, broken_row_ids=(2,))
+    body = fetch(sim, fromid="0", format="json").text
+    with pytest.raises(json.JSONDecodeError, match="Expecting ',' delimiter"):
+        json.loads(body)
+    fixed = body.replace('"ID":"2" "AccountCode"', '"ID":"2","AccountCode"')
+    assert decode(fixed.encode(), "json", sim.config) == [sim.row(i) for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_long_rows(make_sim: MakeSim, fmt: str) -> None:
+    sim = make_sim(backlog=3, long_row_ids=(2,), long_row_chars=3 << 20)
+    limit = csv.field_size_limit(4 << 20)  # the reader here must take the long field
+    try:
+        rows = decode(fetch(sim, fromid="0", format=fmt).content, fmt, sim.config)
+    finally:
+        csv.field_size_limit(limit)
+    assert rows == [sim.row(1), sim.row(2) | {"TextDesc1": "x" * (3 << 20)}, sim.row(3)]
+
+
+@pytest.mark.parametrize("encoding", ["cp1252", "latin-1"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bodies_in_another_encoding(make_sim: MakeSim, fmt: str, encoding: str) -> None:
+    sim = make_sim(backlog=300, encoding=encoding)
+    response = fetch(sim, fromid="0", format=fmt)
+    charset = {"cp1252": "windows-1252", "latin-1": "iso-8859-1"}[encoding]
+    if fmt == "json":  # \u escapes: ASCII, so UTF-8 too
+        assert response.content.isascii()
+    else:
+        assert f"charset={charset}" in response.headers["content-type"]
+        with pytest.raises(UnicodeDecodeError):
+            response.content.decode("utf-8")
+    text = response.content.decode(encoding)
+    rows = decode(text.encode(), fmt, sim.config)
+    expected = [{k: v.translate(DIAERESIS) for k, v in sim.row(i).items()} for i in range(1, 301)]
+    assert rows == expected
+    assert any("Ö" in r["TextDesc2"] or "ä" in r["TextDesc2"] for r in rows)
 
 
 @pytest.mark.parametrize(
@@ -571,7 +640,9 @@ def test_other_paths_are_not_found(sim: BillingFeedSimulator) -> None:
 # --- HTTP: parameters ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("style", "status"), [("text200", 200), ("401", 401), ("403", 403)])
+@pytest.mark.parametrize(
+    ("style", "status"), [("text200", 200), ("html200", 200), ("401", 401), ("403", 403)]
+)
 @pytest.mark.parametrize(
     "credentials",
     [{"password": "wrong"}, {"login": "89999999"}, {"password": ""}],
@@ -583,7 +654,21 @@ def test_auth_failure_styles(
     sim = make_sim(backlog=10, auth_failure_style=style)
     response = fetch(sim, fromid="0", **credentials)
     assert response.status_code == status
-    assert response.text == "Invalid login or password"
+    if style == "html200":
+        assert response.text.startswith("<!DOCTYPE html>")
+        assert '<p class="error">Invalid login or password</p>' in response.text
+    else:
+        assert response.text == "Invalid login or password"
+
+
+@pytest.mark.parametrize("fault", ["auth_text200", "auth_html200"])
+def test_auth_faults_refuse_good_credentials(sim: BillingFeedSimulator, fault: str) -> None:
+    sim.inject(fault)
+    refused = fetch(sim, fromid="0")
+    assert refused.status_code == 200
+    assert "Invalid login or password" in refused.text
+    assert refused.text.startswith("<!DOCTYPE") == (fault == "auth_html200")
+    assert fetch(sim, fromid="0").text.startswith("ID,")
 
 
 def test_missing_credentials_fail_auth(sim: BillingFeedSimulator) -> None:
