@@ -295,3 +295,35 @@ def test_a_refused_event_no_longer_held_is_still_dead_lettered(
     assert [(d["id"], d["raw"]) for d in dead] == [(1, "")]
     assert store.load() == 3
 
+
+def test_a_fenced_probe_is_a_retriable_failure_not_a_fenced_unit() -> None:
+    """Exactly-once: only `<tid>-probe` taken by another instance says nothing of the unit's id.
+
+    Fenced there must not pass for the unit's own producer being fenced: alone that
+    would be an outage, in cluster mode a handover (the unit stopped on its owner).
+    """
+    from streamer.errors import DeliveryError, FencedError, StreamerError
+
+    @dataclass
+    class FencedProber(FakePublisher):
+        closed: bool = False
+
+        def probe(self, messages: list[RejectedMessage], timeout_s: float) -> list[RejectedMessage]:
+            raise FencedError("Kafka fenced transactional id 't-main-probe'")
+
+        def close(self, timeout_s: float = 10.0) -> None:
+            self.closed = True
+
+    publisher, prober = FakePublisher(transactional_id="t-main"), FencedProber("t-main-probe")
+    metrics = Metrics(CollectorRegistry()).for_feed("main")
+    sink = EventSink(
+        name="main", source="feed", slot=PublisherSlot(lambda: publisher, lambda: prober),
+        encoder=Encoder(), topic="events", dead_letter_topic="dead", metrics=metrics,
+        flush_timeout_s=1.0,
+    )  # fmt: skip
+    refused = [RejectedMessage("events", b"k", b"v", [], 0, "Broker: Invalid record")]
+    with pytest.raises(StreamerError) as caught:
+        sink.isolate(publisher, refused)  # type: ignore[arg-type]
+    assert type(caught.value) is DeliveryError
+    assert isinstance(caught.value.__cause__, FencedError)
+    assert prober.closed
