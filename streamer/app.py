@@ -22,7 +22,16 @@ from prometheus_client import CollectorRegistry
 
 from streamer import cluster
 from streamer.avro import make_encoder
-from streamer.config import FeedSettings, Secret, Settings, SftpSettings, is_loopback_url
+from streamer.config import (
+    FeedSettings,
+    Secret,
+    Settings,
+    SftpSettings,
+    feed_transactional_id,
+    file_transactional_id,
+    is_loopback_url,
+    probe_transactional_id,
+)
 from streamer.cursor import (
     CursorStore,
     FileCursorStore,
@@ -101,7 +110,9 @@ def _publisher_slot(
     """The producer of a unit of work; exactly-once, also a prober of its own id (sink.py)."""
     probe_factory = None
     if transactional_id is not None:
-        probe_factory = _publisher_factory(settings, None, f"{transactional_id}-probe")
+        probe_factory = _publisher_factory(
+            settings, None, probe_transactional_id(transactional_id)
+        )
     return PublisherSlot(
         _publisher_factory(settings, source_metrics, transactional_id), probe_factory
     )
@@ -166,7 +177,9 @@ def _build_pipeline(
         encoding=feed.encoding,
     )
     k = settings.kafka
-    transactional_id = f"{k.transactional_id_prefix}-{feed.name}" if exactly_once else None
+    transactional_id = (
+        feed_transactional_id(k.transactional_id_prefix, feed.name) if exactly_once else None
+    )
     return FeedPipeline(
         name=feed.name,
         client=client,
@@ -442,7 +455,7 @@ def _build_sftp(
     )
     if slot is None:
         transactional_id = (
-            f"{k.transactional_id_prefix}-sftp-{source.name}" if exactly_once else None
+            file_transactional_id(k.transactional_id_prefix, source.name) if exactly_once else None
         )
         slot = _publisher_slot(settings, source_metrics, transactional_id)
     server = _file_server(source)

@@ -147,6 +147,26 @@ class KafkaSettings:
     schema_registry_password: Secret = field(default_factory=lambda: Secret(""))
 
 
+# Exactly-once, a unit finds the messages Kafka refuses with aborted transactions of a
+# second producer, under its own transactional id plus this (sink.py, EventSink.isolate).
+PROBE_ID_SUFFIX = "-probe"
+
+
+def feed_transactional_id(prefix: str, feed: str) -> str:
+    """The transactional id of a feed's producer (and of its paired file source)."""
+    return f"{prefix}-{feed}"
+
+
+def file_transactional_id(prefix: str, source: str) -> str:
+    """The transactional id of an unpaired SFTP/FTP source's producer."""
+    return f"{prefix}-sftp-{source}"
+
+
+def probe_transactional_id(transactional_id: str) -> str:
+    """The transactional id of the producer that isolates refused messages for that one."""
+    return transactional_id + PROBE_ID_SUFFIX
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
     """Where /metrics, /healthz and /readyz listen, and who may read them; port 0: off."""
@@ -391,6 +411,7 @@ def parse_settings(
 
     sftp = _sftp_sources(data.get("sftp", []), feed_tables, names, env, problems)
     metrics_args = _metrics(data.get("metrics", {}), env, problems)
+    _check_unique_ids(kafka_args, feeds, sftp, problems)
     if "cluster" in data:
         _check_cluster(cluster_args, problems)
     problems.raise_if_any(source)
@@ -505,6 +526,55 @@ def _metrics(table: Any, env: Mapping[str, str], problems: _Problems) -> dict[st
         if path and not Path(path).is_file():
             problems.add(f"metrics.{name}", f"{path} is not a readable file")
     return args
+
+
+def _check_unique_ids(
+    kafka_args: Mapping[str, Any],
+    feeds: list[FeedSettings],
+    sftp: list[SftpSettings],
+    problems: _Problems,
+) -> None:
+    """No two units share a transactional id (probe ids included) or a cursor record's key.
+
+    The names would allow it ("a" and "a-probe", "x" and "sftp-x"): exactly-once, one
+    unit's producer would then fence the other's, an outage alone and, in cluster mode,
+    taken for a handover that never ends; two units sharing a cursor key would each
+    resume from the other's cursor.
+    """
+    units = [("feeds", f.name, "") for f in feeds]
+    units += [("sftp", s.name, s.pairs_with_feed) for s in sftp]
+    if kafka_args.get("delivery") == "exactly_once":
+        prefix = str(kafka_args.get("transactional_id_prefix", "cdr-streamer"))
+        # A paired file source writes through its feed's producer: no id of its own.
+        ids = [
+            (feed_transactional_id(prefix, name) if kind == "feeds"
+             else file_transactional_id(prefix, name), f"{kind}[{name}]", "transactional id")
+            for kind, name, paired in units if not paired
+        ]  # fmt: skip
+        ids += [
+            (probe_transactional_id(tid), where, "probe transactional id")
+            for tid, where, _ in list(ids)
+        ]
+        origin = "the names and kafka.transactional_id_prefix"
+        _report_shared(ids, problems, origin, "would fence each other")
+    if kafka_args.get("cursor_store") == "kafka":
+        keys = [(name if kind == "feeds" else f"sftp:{name}", f"{kind}[{name}]", "cursor key")
+                for kind, name, _ in units]  # fmt: skip
+        _report_shared(keys, problems, "the names", "would resume from one cursor")
+
+
+def _report_shared(
+    claims: list[tuple[str, str, str]], problems: _Problems, origin: str, outcome: str
+) -> None:
+    owners: dict[str, tuple[str, str]] = {}
+    for value, where, what in claims:
+        other, other_what = owners.setdefault(value, (where, what))
+        if other != where:
+            problems.add(
+                where,
+                f"its {what} {value!r} is also the {other_what} of {other} (both come "
+                f"from {origin}): they {outcome}; rename one of them",
+            )
 
 
 def _check_cluster(args: Mapping[str, Any], problems: _Problems) -> None:

@@ -71,6 +71,64 @@ def test_cluster_settings_are_checked(cluster: dict[str, object], problem: str) 
         parse_settings(settings(cluster), env=ENV)
 
 
+def feed(name: str) -> dict[str, object]:
+    return {**FEED, "name": name}
+
+
+FILES = {"host": "h", "user": "u", "password": "p", "trust_unknown_host_key": True}
+
+
+@pytest.mark.parametrize(
+    ("feeds", "sources", "problem"),
+    [
+        # Feed "a"'s probe producer would fence feed "a-probe"'s producer, and back.
+        (["a", "a-probe"], [], "feeds[a]: its probe transactional id 'cdr-streamer-a-probe' "
+         "is also the transactional id of feeds[a-probe]"),
+        (["sftp-x"], ["x"], "sftp[x]: its transactional id 'cdr-streamer-sftp-x' is also "
+         "the transactional id of feeds[sftp-x]"),
+        (["sftp-x-probe"], ["x"], "sftp[x]: its probe transactional id "
+         "'cdr-streamer-sftp-x-probe' is also the transactional id of feeds[sftp-x-probe]"),
+    ],
+)  # fmt: skip
+def test_units_whose_transactional_ids_would_fence_each_other_are_refused(
+    feeds: list[str], sources: list[str], problem: str
+) -> None:
+    data = settings({"group_id": "g"}, delivery="exactly_once")
+    data["feeds"] = [feed(name) for name in feeds]
+    data["sftp"] = [{**FILES, "name": name} for name in sources]
+    with pytest.raises(ConfigError) as info:
+        parse_settings(data, env=ENV)
+    assert problem in str(info.value)
+    assert "rename one of them" in str(info.value)
+
+
+def test_distinct_ids_pass_and_a_paired_source_has_no_id_of_its_own() -> None:
+    data = settings({"group_id": "g"}, delivery="exactly_once")
+    data["feeds"] = [feed("a"), feed("b-probe"), feed("sftp-y")]
+    # Source "y" alone would have feed "sftp-y"'s id; paired with feed "a", it has no
+    # producer of its own (it writes through feed a's), so nothing clashes.
+    data["sftp"] = [{**FILES, "name": "x"}, {**FILES, "name": "y", "pairs_with_feed": "a"}]
+    s = parse_settings(data, env=ENV)
+    assert [f.name for f in s.feeds] == ["a", "b-probe", "sftp-y"]
+    # At least once there are no transactional ids: only cursor keys must differ.
+    data = settings({"group_id": "g"})
+    data["feeds"] = [feed("a"), feed("a-probe"), feed("sftp-x")]
+    data["sftp"] = [{**FILES, "name": "x"}]
+    assert len(parse_settings(data, env=ENV).feeds) == 3
+
+
+def test_units_sharing_a_cursor_key_are_refused() -> None:
+    data = settings({"group_id": "g"})
+    data["feeds"] = [feed("sftp:x")]
+    data["sftp"] = [{**FILES, "name": "x"}]
+    shared = r"sftp\[x\]: its cursor key 'sftp:x' is also the cursor key of feeds\[sftp:x\]"
+    with pytest.raises(ConfigError, match=shared):
+        parse_settings(data, env=ENV)
+    data["kafka"] = {"bootstrap_servers": "h:1", "cursor_store": "file"}
+    del data["cluster"]  # cursor files: no shared key
+    assert parse_settings(data, env=ENV).feeds[0].name == "sftp:x"
+
+
 def test_fingerprint_changes_with_the_units_and_their_order() -> None:
     base = fingerprint(["feed-a", "feed-b"], "cdr-events")
     assert base == fingerprint(["feed-a", "feed-b"], "cdr-events")
@@ -280,3 +338,4 @@ def test_forget_feed_removes_only_that_feeds_series() -> None:
     assert 'feed="a"' not in text
     assert text.count('feed="b"') > 20
     assert "a" not in metrics.feeds
+
