@@ -119,3 +119,31 @@ def test_an_open_transaction_holds_a_load_back_until_it_ends(
 
     finally:
         table.close()
+
+
+def test_a_full_feed_cursor_and_a_file_cursor_load_by_key_as_committed(
+    kafka_bootstrap: str, topic_name: str
+) -> None:
+    """The table hands back the record as written: FeedCursor's every field, file cursors."""
+    from streamer.cursor import JsonKafkaCursorStore
+
+    topic = cursor_topic(kafka_bootstrap, topic_name)
+    state = FeedCursor(100, confirmed=((105, 107), (110, 110)), without_id=("9f2c", "a01b"))
+    files = {"files": {"cdr_1.csv": {"size": 10, "done": True}}}
+    writer = CursorTable(kafka_bootstrap, topic)
+    try:
+        KafkaCursorStore(kafka_bootstrap, topic, "main", table=writer).commit_state(state)
+        JsonKafkaCursorStore(kafka_bootstrap, topic, "sftp:main", table=writer).commit(files)
+    finally:
+        writer.close()
+    reader = CursorTable(kafka_bootstrap, topic)
+    try:
+        loaded = KafkaCursorStore(kafka_bootstrap, topic, "main", table=reader).load_state()
+        document = JsonKafkaCursorStore(kafka_bootstrap, topic, "sftp:main", table=reader).load()
+    finally:
+        reader.close()
+    assert loaded == state
+    assert document is not None
+    assert (document["owner"], document["files"]) == ("sftp:main", files["files"])
+    # The same records as a store without the table reads them (the whole topic).
+    assert KafkaCursorStore(kafka_bootstrap, topic, "main").load_state() == state

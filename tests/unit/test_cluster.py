@@ -339,3 +339,48 @@ def test_forget_feed_removes_only_that_feeds_series() -> None:
     assert text.count('feed="b"') > 20
     assert "a" not in metrics.feeds
 
+
+def test_file_sources_of_every_protocol_are_assigned_as_units_or_within_their_feeds() -> None:
+    """An FTP or FTPS source is a unit like an SFTP one: alone, or inside its feed's unit."""
+    from streamer.app import _unit_specs
+    from streamer.metrics import SftpMetrics
+    from streamer.publisher import TimestampLimits
+    from streamer.scheduler import FeedRunner, SftpRunner
+    from streamer.sources.ftp import FtpServer
+    from streamer.sources.sftp import SftpServer
+
+    data = settings({"group_id": "g"}, delivery="exactly_once")
+    data["feeds"] = [feed("main"), feed("other")]
+    ftp = {"host": "127.0.0.1", "user": "u", "password": "p"}
+    data["sftp"] = [
+        {**ftp, "name": "drop", "protocol": "ftp", "pairs_with_feed": "main"},
+        {**ftp, "name": "archive", "protocol": "ftps"},
+        {**FILES, "name": "files"},
+    ]
+    s = parse_settings(data, env=ENV)
+    registry = CollectorRegistry()
+    specs = _unit_specs(
+        s, Metrics(registry), SftpMetrics(registry), limits=TimestampLimits(), table=None
+    )
+    by_name = {spec.name: spec for spec in specs}
+    assert sorted(by_name) == ["feed-main", "feed-other", "sftp-archive", "sftp-files"]
+    assert by_name["feed-main"].series == ("main", "drop")  # moved away: both forgotten
+    assert by_name["sftp-archive"].series == ("archive",)
+
+    # Built (as an assignment does; nothing connects before the first poll): the FTP
+    # source runs in its feed's thread, through the feed's one transactional producer.
+    stop = threading.Event()
+    feed_runner, file_runner = by_name["feed-main"].build(stop)
+    assert isinstance(feed_runner, FeedRunner)
+    assert isinstance(file_runner, SftpRunner)
+    assert isinstance(file_runner.collector.server, FtpServer)
+    assert file_runner.collector.sink.slot is feed_runner.pipeline.slot
+    assert file_runner.collector.abort_on_stop  # a revoke abandons a file mid-read
+    (alone,) = by_name["sftp-archive"].build(stop)
+    assert isinstance(alone, SftpRunner)
+    assert isinstance(alone.collector.server, FtpServer)
+    (sftp,) = by_name["sftp-files"].build(stop)
+    assert isinstance(sftp, SftpRunner)
+    assert isinstance(sftp.collector.server, SftpServer)
+    for runner in (feed_runner, file_runner, alone, sftp):
+        runner.close()
