@@ -1,7 +1,8 @@
 """All the wiring: Settings -> components -> units of work, run until stopped.
 
-A *unit of work* is what one thread runs: a feed, the SFTP source paired with it and
-their one producer, or an SFTP source on its own. Components take plain arguments;
+A *unit of work* is what one thread runs: a feed, the file source (SFTP, FTP or FTPS)
+paired with it and their one producer, or a file source on its own; in cluster mode,
+the group assigns units to replicas (streamer/cluster.py). Components take plain arguments;
 only this module (and `pipeline.py`) puts several of them together.
 """
 
@@ -12,8 +13,9 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
+from functools import partial
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -21,8 +23,18 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry
 
+from streamer import cluster
 from streamer.avro import make_encoder
-from streamer.config import FeedSettings, Secret, Settings, SftpSettings, is_loopback_url
+from streamer.config import (
+    FeedSettings,
+    Secret,
+    Settings,
+    SftpSettings,
+    feed_transactional_id,
+    file_transactional_id,
+    is_loopback_url,
+    probe_transactional_id,
+)
 from streamer.cursor import (
     CursorStore,
     FileCursorStore,
@@ -32,12 +44,13 @@ from streamer.cursor import (
     KafkaCursorStore,
     MemoryCursorStore,
 )
+from streamer.cursor_table import CursorTable
 from streamer.endpoint import Credentials, tls_context
 from streamer.errors import ConfigError, KafkaUnavailableError, TopicError
 from streamer.health import HealthServer, KafkaCheck, Readiness
 from streamer.limits import BodyLimits
 from streamer.logs import LIBRDKAFKA, fields
-from streamer.metrics import FeedMetrics, Metrics, SftpMetrics
+from streamer.metrics import ClusterMetrics, FeedMetrics, Metrics, SftpMetrics, forget_feed
 from streamer.pipeline import FeedPipeline, PollResult
 from streamer.publisher import (
     Publisher,
@@ -115,12 +128,14 @@ def _provision_topics(admin: AdminClient, settings: Settings) -> TimestampLimits
             time.sleep(0.2)  # the polling period of the condition above
 
 
-def _cursor_store(settings: Settings, feed: FeedSettings) -> CursorStore:
+def _cursor_store(
+    settings: Settings, feed: FeedSettings, table: CursorTable | None = None
+) -> CursorStore:
     k = settings.kafka
     if k.cursor_store == "kafka":
         return KafkaCursorStore(
             k.bootstrap_servers, k.cursor_topic, feed.name,
-            initial=feed.initial_cursor, client_config=k.producer,
+            initial=feed.initial_cursor, client_config=k.producer, table=table,
         )  # fmt: skip
     return FileCursorStore(Path(feed.cursor_file), feed.name, feed.initial_cursor)
 
@@ -170,12 +185,14 @@ def transactional_id(settings: Settings, name: str, *, sftp: bool = False) -> st
     return f"{prefix}-sftp-{name}" if sftp else f"{prefix}-{name}"
 
 
-def _starting_store(settings: Settings, feed: FeedSettings, client: FeedClient) -> CursorStore:
+def _starting_store(
+    settings: Settings, feed: FeedSettings, client: FeedClient, table: CursorTable | None = None
+) -> CursorStore:
     """The feed's store, deciding the first cursor when it holds none (startup.py)."""
     k = settings.kafka
     zone = ZoneInfo(feed.timezone)
     return StartingCursorStore(
-        _cursor_store(settings, feed),
+        _cursor_store(settings, feed, table),
         feed=feed.name,
         start_from=feed.start_from,
         resolve=lambda start: resolve_start(client, start, zone),
@@ -189,7 +206,9 @@ def _publisher_slot(
     """The producer of a unit of work; exactly-once, also a prober of its own id (sink.py)."""
     probe_factory = None
     if transactional_id is not None:
-        probe_factory = _publisher_factory(settings, None, f"{transactional_id}-probe")
+        probe_factory = _publisher_factory(
+            settings, None, probe_transactional_id(transactional_id)
+        )
     return PublisherSlot(
         _publisher_factory(settings, source_metrics, transactional_id), probe_factory
     )
@@ -239,14 +258,18 @@ def _build_pipeline(
     limits: TimestampLimits,
     headers: Sequence[tuple[str, str | bytes | None]] = (),
     reconcile: bool = False,
+    abort_on_stop: bool = False,
+    table: CursorTable | None = None,
 ) -> FeedPipeline:
     """`cursor_store` None: the feed's own store, deciding a first cursor if it has none."""
     feed_metrics = metrics.for_feed(feed.name, poll_interval_s=feed.poll_interval_s)
     client = feed_client(feed, query, stop=stop, on_request=feed_metrics.request)
     if cursor_store is None:
-        cursor_store = _starting_store(settings, feed, client)
+        cursor_store = _starting_store(settings, feed, client, table)
     k = settings.kafka
-    transactional_id = f"{k.transactional_id_prefix}-{feed.name}" if exactly_once else None
+    transactional_id = (
+        feed_transactional_id(k.transactional_id_prefix, feed.name) if exactly_once else None
+    )
     pipeline = FeedPipeline(
         name=feed.name,
         client=client,
@@ -263,6 +286,7 @@ def _build_pipeline(
         timestamp_limits=limits,
         timezone=feed.timezone,
         headers=headers,
+        stop=stop if abort_on_stop else None,
     )
     if reconcile and feed.reconcile:
         pipeline.reconciler = Reconciler(
@@ -289,17 +313,24 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
     """Run every unit of work until `stop` (or, with `once`, until each has nothing more).
 
     Waits for Kafka first (not ready meanwhile). Returns the runners, whose `error` says
-    which stopped on a fatal error (none when stopped before Kafka answered).
+    which stopped on a fatal error (none when stopped before Kafka answered). In cluster
+    mode the units this replica runs come and go: none are returned.
     """
+    if settings.cluster.enabled and once:
+        raise ConfigError(
+            "--once runs every feed in this process to its end; it does not go with cluster "
+            "mode ([cluster] group_id): run it with a configuration without [cluster]"
+        )
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     configured = [("feed", f.name) for f in settings.feeds] + [
-        ("sftp", s.name) for s in settings.sftp
+        (s.protocol, s.name) for s in settings.sftp
     ]
     board = StatusBoard(metrics, configured, kafka_servers=settings.kafka.bootstrap_servers)
     claims = Claims(settings)
     claims.claim_files()  # a second instance on the same cursor files stops here
     health: HealthServer | None = None
+    table: CursorTable | None = None
     try:
         if settings.metrics.port:
             health = _start_health_server(settings, metrics, board)
@@ -309,28 +340,33 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
         )  # fmt: skip
         if limits is None:
             return []
-        claims.claim_kafka()
-        units = _units(settings, metrics, stop, limits)
-        runners = [member for unit in units for member in unit.runners]
-        board.attach(runners)
-        _run_units(units, stop, once=once)
-        for member in runners:
-            member.close()
-        return runners
+        if not settings.cluster.enabled:
+            # In cluster mode the consumer group says who runs what: no lease of our own.
+            claims.claim_kafka()
+        _warn_of_feed_settings(settings)
+        k = settings.kafka
+        sftp_metrics = SftpMetrics(registry) if settings.sftp else None
+        # One reader of the cursor topic for the whole process (streamer/cursor_table.py).
+        if k.cursor_store == "kafka":
+            table = CursorTable(k.bootstrap_servers, k.cursor_topic, k.producer)
+        specs = _unit_specs(settings, metrics, sftp_metrics, limits=limits, table=table)
+        if settings.cluster.enabled:
+            board.attach([])  # started: units appear on the board as they are assigned
+            specs = [_on_board(spec, board) for spec in specs]
+            _run_cluster(settings, specs, registry, metrics, sftp_metrics, stop, board)
+            return []
+        units = [Unit(spec.name, list(spec.build(stop))) for spec in specs]
+        board.attach([member for unit in units for member in unit.runners])
+        return _run_units(units, stop, once=once)
     finally:
+        if table is not None:
+            table.close()
         claims.release()
         if health is not None:
             health.stop()
 
 
-def _units(
-    settings: Settings, metrics: Metrics, stop: threading.Event, limits: TimestampLimits
-) -> list[Unit]:
-    sftp_metrics = SftpMetrics(metrics.registry) if settings.sftp else None
-    exactly_once = settings.kafka.delivery == "exactly_once"
-    # A feed and the SFTP source paired with it take turns in one thread (sources/sftp.py).
-    units: list[Unit] = []
-    paired = {s.pairs_with_feed: s for s in settings.sftp if s.pairs_with_feed}
+def _warn_of_feed_settings(settings: Settings) -> None:
     for feed in settings.feeds:
         if feed.url.startswith("http://") and not is_loopback_url(feed.url):
             log.warning(
@@ -344,55 +380,22 @@ def _units(
                 feed.name,
                 feed.poll_interval_s,
             )
-        pipeline = _build_pipeline(
-            settings,
-            feed,
-            metrics,
-            stop,
-            query=FeedQuery(
-                format=feed.format, callsonly=feed.callsonly, servicesonly=feed.servicesonly
-            ),
-            cursor_store=None,
-            exactly_once=exactly_once,
-            limits=limits,
-            reconcile=True,
-        )
-        runner = FeedRunner(
-            pipeline,
-            poll_interval_s=feed.poll_interval_s,
-            poll_jitter_ratio=feed.poll_jitter_ratio,
-            page_size=feed.page_size,
-            backoff=Backoff(feed.backoff_base_s, feed.backoff_max_s),
-        )
-        runner.max_failures = feed.max_attempts
-        group: list[Runner] = [runner]
-        # The cursor is read by the first poll: in exactly-once mode only after the
-        # transactional producer has fenced any older instance.
-        log.info(
-            "feed %s: polling %s as %s every %g s, %s, cursor in %r, %s",
-            feed.name, feed.url, feed.login, feed.poll_interval_s,
-            settings.kafka.delivery.replace("_", "-"), pipeline.cursor_store,
-            f"reconciling the last {feed.reconcile_horizon_h:g} h ({feed.reconcile_checks} "
-            f"checks per hour, {feed.reconcile_clock} clock)"
-            if feed.reconcile else "reconciliation off",
-        )  # fmt: skip
-        source = paired.get(feed.name)
-        if source is not None and sftp_metrics is not None:
-            collector = _build_sftp(
-                settings, source, metrics, sftp_metrics, stop, limits=limits,
-                slot=pipeline.slot, feed_cursor=pipeline.cursor_store.load,
-            )  # fmt: skip
-            pipeline.covered_by = collector.published_ids
-            group.append(_sftp_runner(collector, source))
-        units.append(Unit(f"feed-{feed.name}", group))
-    for source in settings.sftp:
-        if not source.pairs_with_feed and sftp_metrics is not None:
-            collector = _build_sftp(settings, source, metrics, sftp_metrics, stop, limits=limits)
-            units.append(Unit(f"sftp-{source.name}", [_sftp_runner(collector, source)]))
-    return units
 
 
-def _run_units(units: list[Unit], stop: threading.Event, *, once: bool) -> None:
+def _on_board(spec: cluster.UnitSpec, board: StatusBoard) -> cluster.UnitSpec:
+    """`spec` whose runners, once built (assigned here), show on the status board."""
+    build = spec.build
+
+    def built(stop: threading.Event) -> list[Runner]:
+        runners = list(build(stop))
+        board.attach(runners)
+        return runners
+
+    return replace(spec, build=built)
+
+
+def _run_units(units: list[Unit], stop: threading.Event, *, once: bool) -> list[Runner]:
+    """Every unit in a thread of its own, until each ends."""
     threads: list[threading.Thread] = []
     for unit in units:
         thread = threading.Thread(
@@ -407,6 +410,167 @@ def _run_units(units: list[Unit], stop: threading.Event, *, once: bool) -> None:
     while any(t.is_alive() for t in threads):
         for t in threads:
             t.join(0.5)
+    runners = [member for unit in units for member in unit.runners]
+    for member in runners:
+        member.close()
+    return runners
+
+
+def _unit_specs(
+    settings: Settings,
+    metrics: Metrics,
+    sftp_metrics: SftpMetrics | None,
+    *,
+    limits: TimestampLimits,
+    table: CursorTable | None,
+) -> list[cluster.UnitSpec]:
+    """Each unit of work as a recipe: built once (single process) or at each assignment."""
+    clustered = settings.cluster.enabled
+    paired = {s.pairs_with_feed: s for s in settings.sftp if s.pairs_with_feed}
+    specs: list[cluster.UnitSpec] = []
+    for feed in settings.feeds:
+        source = paired.get(feed.name) if sftp_metrics is not None else None
+        build = partial(
+            _feed_unit, settings, feed, source, metrics, sftp_metrics,
+            limits=limits, table=table, abort_on_stop=clustered,
+        )  # fmt: skip
+        series = (feed.name,) if source is None else (feed.name, source.name)
+        specs.append(cluster.UnitSpec(f"feed-{feed.name}", build, series))
+    for source in settings.sftp:
+        if not source.pairs_with_feed and sftp_metrics is not None:
+            build = partial(
+                _sftp_unit, settings, source, metrics, sftp_metrics,
+                limits=limits, table=table, abort_on_stop=clustered,
+            )  # fmt: skip
+            specs.append(cluster.UnitSpec(f"sftp-{source.name}", build, (source.name,)))
+    return specs
+
+
+def _feed_unit(
+    settings: Settings,
+    feed: FeedSettings,
+    source: SftpSettings | None,
+    metrics: Metrics,
+    sftp_metrics: SftpMetrics | None,
+    stop: threading.Event,
+    *,
+    limits: TimestampLimits,
+    table: CursorTable | None,
+    abort_on_stop: bool,
+) -> list[Runner]:
+    """A feed and the file source paired with it: they take turns in one thread."""
+    pipeline = _build_pipeline(
+        settings,
+        feed,
+        metrics,
+        stop,
+        query=FeedQuery(
+            format=feed.format, callsonly=feed.callsonly, servicesonly=feed.servicesonly
+        ),
+        cursor_store=None,
+        exactly_once=settings.kafka.delivery == "exactly_once",
+        limits=limits,
+        reconcile=True,
+        abort_on_stop=abort_on_stop,
+        table=table,
+    )
+    runner = FeedRunner(
+        pipeline,
+        poll_interval_s=feed.poll_interval_s,
+        poll_jitter_ratio=feed.poll_jitter_ratio,
+        page_size=feed.page_size,
+        backoff=Backoff(feed.backoff_base_s, feed.backoff_max_s),
+    )
+    runner.max_failures = feed.max_attempts
+    group: list[Runner] = [runner]
+    # The cursor is read by the first poll: in exactly-once mode only after the
+    # transactional producer has fenced any older instance.
+    log.info(
+        "feed %s: polling %s as %s every %g s, %s, cursor in %r, %s",
+        feed.name, feed.url, feed.login, feed.poll_interval_s,
+        settings.kafka.delivery.replace("_", "-"), pipeline.cursor_store,
+        f"reconciling the last {feed.reconcile_horizon_h:g} h ({feed.reconcile_checks} "
+        f"checks per hour, {feed.reconcile_clock} clock)"
+        if feed.reconcile else "reconciliation off",
+    )  # fmt: skip
+    if source is not None and sftp_metrics is not None:
+        collector = _build_sftp(
+            settings, source, metrics, sftp_metrics, stop, limits=limits,
+            slot=pipeline.slot, feed_cursor=pipeline.cursor_store.load, table=table,
+            abort_on_stop=abort_on_stop,
+        )  # fmt: skip
+        pipeline.covered_by = collector.published_ids
+        group.append(_sftp_runner(collector, source))
+    return group
+
+
+def _sftp_unit(
+    settings: Settings,
+    source: SftpSettings,
+    metrics: Metrics,
+    sftp_metrics: SftpMetrics,
+    stop: threading.Event,
+    *,
+    limits: TimestampLimits,
+    table: CursorTable | None,
+    abort_on_stop: bool,
+) -> list[Runner]:
+    """A file source (SFTP, FTP or FTPS) on its own."""
+    collector = _build_sftp(
+        settings, source, metrics, sftp_metrics, stop, limits=limits, table=table,
+        abort_on_stop=abort_on_stop,
+    )  # fmt: skip
+    return [_sftp_runner(collector, source)]
+
+
+def _run_cluster(
+    settings: Settings,
+    specs: list[cluster.UnitSpec],
+    registry: CollectorRegistry,
+    metrics: Metrics,
+    sftp_metrics: SftpMetrics | None,
+    stop: threading.Event,
+    board: StatusBoard,
+) -> None:
+    """Cluster mode: run the units the consumer group assigns to this replica, until `stop`."""
+    k, c = settings.kafka, settings.cluster
+    specs = sorted(specs, key=lambda spec: spec.name)  # partition i runs the i-th unit
+    names = [spec.name for spec in specs]
+    fingerprint = cluster.fingerprint(
+        names, k.topic, k.cursor_topic, k.delivery, k.transactional_id_prefix
+    )
+    admin = AdminClient({**k.producer, "bootstrap.servers": k.bootstrap_servers})
+    cluster.provision_assignment_topic(
+        admin, c.topic, len(specs), replication_factor=k.replication_factor,
+        min_insync_replicas=k.min_insync_replicas,
+    )  # fmt: skip
+    cluster_metrics = ClusterMetrics(
+        registry, group=c.group_id, units=len(specs), fingerprint=fingerprint
+    )
+
+    def forget(series: Sequence[str]) -> None:
+        board.detach(series)
+        for name in series:
+            forget_feed(metrics, name, sftp_metrics)
+
+    host = cluster.UnitHost(
+        specs, cluster_metrics, forget=forget, handover_timeout_s=c.handover_timeout_s,
+        restart_fenced_after_s=c.session_timeout_s,
+    )  # fmt: skip
+    membership = cluster.Membership(
+        host, cluster_metrics, bootstrap_servers=k.bootstrap_servers, client_config=k.producer,
+        group_id=c.group_id, topic=c.topic, units=names, fingerprint=fingerprint,
+        session_timeout_s=c.session_timeout_s, heartbeat_interval_s=c.heartbeat_interval_s,
+        handover_timeout_s=c.handover_timeout_s,
+    )  # fmt: skip
+    thread = threading.Thread(
+        target=membership.run, args=(stop,), name="cluster-membership", daemon=True
+    )
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if membership.error is not None:
+        raise membership.error
 
 
 class Claims:
@@ -463,12 +627,16 @@ class Claims:
             self._lease = None
 
 
-def _sftp_cursor_store(settings: Settings, source: SftpSettings) -> JsonCursorStore:
+
+
+def _sftp_cursor_store(
+    settings: Settings, source: SftpSettings, table: CursorTable | None = None
+) -> JsonCursorStore:
     k = settings.kafka
     owner = f"sftp:{source.name}"
     if k.cursor_store == "kafka":
         return JsonKafkaCursorStore(
-            k.bootstrap_servers, k.cursor_topic, owner, client_config=k.producer
+            k.bootstrap_servers, k.cursor_topic, owner, client_config=k.producer, table=table
         )
     return JsonFileCursorStore(Path(source.cursor_file), owner)
 
@@ -483,6 +651,8 @@ def _build_sftp(
     limits: TimestampLimits,
     slot: PublisherSlot | None = None,
     feed_cursor: Callable[[], int] | None = None,
+    table: CursorTable | None = None,
+    abort_on_stop: bool = False,
 ) -> FileCollector:
     """One SFTP source; paired, it shares its feed's producer (`slot`) and reads its cursor."""
     k = settings.kafka
@@ -492,11 +662,11 @@ def _build_sftp(
     )
     if slot is None:
         transactional_id = (
-            f"{k.transactional_id_prefix}-sftp-{source.name}" if exactly_once else None
+            file_transactional_id(k.transactional_id_prefix, source.name) if exactly_once else None
         )
         slot = _publisher_slot(settings, source_metrics, transactional_id)
     server = _file_server(source)
-    store = _sftp_cursor_store(settings, source)
+    store = _sftp_cursor_store(settings, source, table)
     log.info(
         "%s %s: listing %s:%s on %s:%d as %s every %g s, %s%s, cursor in %r",
         source.protocol, source.name, source.directory, source.pattern, source.host,
@@ -531,6 +701,7 @@ def _build_sftp(
         exactly_once=exactly_once,
         feed_cursor=feed_cursor,
         stop=stop,
+        abort_on_stop=abort_on_stop,
         max_file_bytes=source.max_file_bytes,
     )
 

@@ -198,6 +198,26 @@ class KafkaSettings:
     schema_registry_password: Secret = field(default_factory=lambda: Secret(""))
 
 
+# Exactly-once, a unit finds the messages Kafka refuses with aborted transactions of a
+# second producer, under its own transactional id plus this (sink.py, EventSink.isolate).
+PROBE_ID_SUFFIX = "-probe"
+
+
+def feed_transactional_id(prefix: str, feed: str) -> str:
+    """The transactional id of a feed's producer (and of its paired file source)."""
+    return f"{prefix}-{feed}"
+
+
+def file_transactional_id(prefix: str, source: str) -> str:
+    """The transactional id of an unpaired SFTP/FTP source's producer."""
+    return f"{prefix}-sftp-{source}"
+
+
+def probe_transactional_id(transactional_id: str) -> str:
+    """The transactional id of the producer that isolates refused messages for that one."""
+    return transactional_id + PROBE_ID_SUFFIX
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
     """Where /metrics, /healthz and /readyz listen, and who may read them; port 0: off."""
@@ -262,6 +282,33 @@ class SftpSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """Cluster mode: replicas of one config share its units of work through a consumer group.
+
+    Off while `group_id` is empty. Every replica must run the same configuration.
+    """
+
+    group_id: str = ""
+    assignment_topic: str = ""  # "": "<group_id>-assignment"
+    # A replica that stops heartbeating for this long loses its units to the others
+    # (the broker's group.min.session.timeout.ms, 6 s by default, is the floor).
+    session_timeout_s: float = 45.0
+    heartbeat_interval_s: float = 3.0
+    # How long a revoked unit gets to abort its poll and stop before its work is
+    # released to the next owner anyway (exactly-once: which then fences it).
+    handover_timeout_s: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.group_id)
+
+    @property
+    def topic(self) -> str:
+        """The assignment topic: one partition per unit of work."""
+        return self.assignment_topic or f"{self.group_id}-assignment"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything `cdr-streamer run` needs, checked before anything starts."""
 
@@ -269,6 +316,7 @@ class Settings:
     feeds: tuple[FeedSettings, ...]
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     sftp: tuple[SftpSettings, ...] = ()
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
 
 # librdkafka settings whose values are secrets (sasl.password, ssl.key.password,
@@ -389,8 +437,9 @@ def parse_settings(
     if base_dir is not None:
         data = _resolve_paths(data, base_dir)
     for key in data:
-        if key not in {"kafka", "feeds", "metrics", "sftp"}:
-            problems.add(key, "unknown section (known: kafka, feeds, sftp, metrics)")
+        if key not in {"kafka", "feeds", "metrics", "sftp", "cluster"}:
+            problems.add(key, "unknown section (known: kafka, feeds, sftp, metrics, cluster)")
+    cluster_args = _take(data.get("cluster", {}), ClusterSettings, "cluster", problems, set())
 
     servers, kafka_args = _kafka_args(data, env, bootstrap_servers, problems)
 
@@ -426,12 +475,16 @@ def parse_settings(
         data.get("sftp", []), feed_tables, names, env, problems, base=base_dir or Path()
     )
     metrics_args = _metrics(data.get("metrics", {}), env, problems)
+    _check_unique_ids(kafka_args, feeds, sftp, problems)
+    if "cluster" in data:
+        _check_cluster(cluster_args, problems)
     problems.raise_if_any(source)
     return Settings(
         kafka=KafkaSettings(bootstrap_servers=str(servers), **kafka_args),
         feeds=tuple(feeds),
         metrics=MetricsSettings(**metrics_args),
         sftp=tuple(sftp),
+        cluster=ClusterSettings(**cluster_args),
     )
 
 
@@ -442,6 +495,9 @@ def _kafka_args(
     problems: _Problems,
 ) -> tuple[str | None, dict[str, Any]]:
     """The [kafka] table checked: (bootstrap servers, the other KafkaSettings arguments)."""
+    cluster_table = data.get("cluster", {})
+    # Cluster mode changes the default cursor store (every replica reads every cursor).
+    clustered = isinstance(cluster_table, Mapping) and bool(cluster_table.get("group_id"))
     kafka_table = dict(data.get("kafka", {}))
     servers = (
         bootstrap_servers
@@ -465,8 +521,16 @@ def _kafka_args(
             "exactly_once keeps the cursor in Kafka, inside each transaction: "
             "remove cursor_store or set it to 'kafka'",
         )
+    elif clustered and store == "file":
+        problems.add(
+            "kafka.cursor_store",
+            "cluster mode ([cluster] group_id) moves feeds between replicas, so every "
+            "replica must read every cursor: remove cursor_store or set it to 'kafka'",
+        )
     elif not store:
-        kafka_args["cursor_store"] = "kafka" if delivery == "exactly_once" else "file"
+        kafka_args["cursor_store"] = (
+            "kafka" if delivery == "exactly_once" or clustered else "file"
+        )
     producer = kafka_args.get("producer", {})
     if not isinstance(producer, Mapping):
         problems.add("kafka.producer", "must be a table of librdkafka settings")
@@ -528,6 +592,70 @@ def _metrics(table: Any, env: Mapping[str, str], problems: _Problems) -> dict[st
         if path and not Path(path).is_file():
             problems.add(f"metrics.{name}", f"{path} is not a readable file")
     return args
+
+
+def _check_unique_ids(
+    kafka_args: Mapping[str, Any],
+    feeds: list[FeedSettings],
+    sftp: list[SftpSettings],
+    problems: _Problems,
+) -> None:
+    """No two units share a transactional id (probe ids included) or a cursor record's key.
+
+    The names would allow it ("a" and "a-probe", "x" and "sftp-x"): exactly-once, one
+    unit's producer would then fence the other's, an outage alone and, in cluster mode,
+    taken for a handover that never ends; two units sharing a cursor key would each
+    resume from the other's cursor.
+    """
+    units = [("feeds", f.name, "") for f in feeds]
+    units += [("sftp", s.name, s.pairs_with_feed) for s in sftp]
+    if kafka_args.get("delivery") == "exactly_once":
+        prefix = str(kafka_args.get("transactional_id_prefix", "cdr-streamer"))
+        # A paired file source writes through its feed's producer: no id of its own.
+        ids = [
+            (feed_transactional_id(prefix, name) if kind == "feeds"
+             else file_transactional_id(prefix, name), f"{kind}[{name}]", "transactional id")
+            for kind, name, paired in units if not paired
+        ]  # fmt: skip
+        ids += [
+            (probe_transactional_id(tid), where, "probe transactional id")
+            for tid, where, _ in list(ids)
+        ]
+        origin = "the names and kafka.transactional_id_prefix"
+        _report_shared(ids, problems, origin, "would fence each other")
+    if kafka_args.get("cursor_store") == "kafka":
+        keys = [(name if kind == "feeds" else f"sftp:{name}", f"{kind}[{name}]", "cursor key")
+                for kind, name, _ in units]  # fmt: skip
+        _report_shared(keys, problems, "the names", "would resume from one cursor")
+
+
+def _report_shared(
+    claims: list[tuple[str, str, str]], problems: _Problems, origin: str, outcome: str
+) -> None:
+    owners: dict[str, tuple[str, str]] = {}
+    for value, where, what in claims:
+        other, other_what = owners.setdefault(value, (where, what))
+        if other != where:
+            problems.add(
+                where,
+                f"its {what} {value!r} is also the {other_what} of {other} (both come "
+                f"from {origin}): they {outcome}; rename one of them",
+            )
+
+
+def _check_cluster(args: Mapping[str, Any], problems: _Problems) -> None:
+    if not args.get("group_id"):
+        problems.add("cluster.group_id", "is required in a [cluster] section (or remove it)")
+    session = float(args.get("session_timeout_s", 45.0))
+    heartbeat = float(args.get("heartbeat_interval_s", 3.0))
+    if session < 1:
+        problems.add("cluster.session_timeout_s", "must be at least 1 s (brokers ask for 6 s)")
+    if not 0 < heartbeat < session:
+        problems.add(
+            "cluster.heartbeat_interval_s",
+            f"must be above 0 and below session_timeout_s ({session:g} s); a third of it "
+            "or less is usual",
+        )
 
 
 _SFTP_SECRET_KEYS = {

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, MutableSequence, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -38,6 +38,8 @@ from streamer.errors import ConfigError, DeliveryError, TopicError
 
 # librdkafka's lines go through logging (folded there: streamer/logs.py), not to stderr.
 _librdkafka_log = logging.getLogger("librdkafka")
+if TYPE_CHECKING:
+    from streamer.cursor_table import CursorTable
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,10 +285,14 @@ class KafkaCursorStore:
         initial: int = 0,
         client_config: Mapping[str, str] | None = None,
         timeout_s: float = 60.0,
+        table: CursorTable | None = None,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.feed = feed
+        # The process's reader of the cursor topic: a load asks it by key instead of
+        # reading the whole topic (streamer/cursor_table.py).
+        self.table = table
         self.initial = initial
         self._client_config = dict(client_config or {})
         self.timeout_s = timeout_s
@@ -317,9 +323,7 @@ class KafkaCursorStore:
         """The committed position read from Kafka, or None when nothing was committed yet."""
         if self._state is not None:
             return self._state
-        value = _read_latest(
-            self.bootstrap_servers, self._client_config, self.topic, self.feed, self.timeout_s
-        )
+        value = self._latest()
         if value is None:
             return None
         self._state = self._parse(value)
@@ -333,18 +337,28 @@ class KafkaCursorStore:
         self.commit_state(FeedCursor(cursor))
 
     def commit_state(self, state: FeedCursor) -> None:
+        if self.table is not None:  # the process's one cursor producer
+            self.table.send(self.message_state(state), self.timeout_s)
+            self._state = state
+            return
         if self._producer is None:
             self._producer = _cursor_producer(self.bootstrap_servers, self._client_config)
         _produce_and_wait(self._producer, self.message_state(state), self.timeout_s)
         self._state = state
 
     def _read(self) -> FeedCursor:
-        value = _read_latest(
-            self.bootstrap_servers, self._client_config, self.topic, self.feed, self.timeout_s
-        )
+        value = self._latest()
         if value is None:
             return FeedCursor(self.initial)
         return self._parse(value)
+
+    def _latest(self) -> bytes | None:
+        """The feed's last committed record: by key from the process's table, if it has one."""
+        if self.table is not None:
+            return self.table.latest(self.feed, self.timeout_s)
+        return _read_latest(
+            self.bootstrap_servers, self._client_config, self.topic, self.feed, self.timeout_s
+        )
 
     def _parse(self, value: bytes) -> FeedCursor:
         try:
@@ -509,10 +523,12 @@ class JsonKafkaCursorStore:
         *,
         client_config: Mapping[str, str] | None = None,
         timeout_s: float = 60.0,
+        table: CursorTable | None = None,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.owner = owner
+        self.table = table  # as KafkaCursorStore's
         self._client_config = dict(client_config or {})
         self.timeout_s = timeout_s
         self._loaded = False
@@ -524,9 +540,13 @@ class JsonKafkaCursorStore:
 
     def load(self) -> dict[str, Any] | None:
         if not self._loaded:
-            raw = _read_latest(
-                self.bootstrap_servers, self._client_config, self.topic, self.owner, self.timeout_s
-            )
+            if self.table is not None:
+                raw = self.table.latest(self.owner, self.timeout_s)
+            else:
+                raw = _read_latest(
+                    self.bootstrap_servers, self._client_config, self.topic, self.owner,
+                    self.timeout_s,
+                )  # fmt: skip
             where = f"cursor topic {self.topic}"
             self._value = None if raw is None else _parse_document(raw, self.owner, where)
             self._loaded = True
@@ -542,6 +562,10 @@ class JsonKafkaCursorStore:
         self._loaded = True
 
     def commit(self, value: Mapping[str, Any]) -> None:
+        if self.table is not None:  # the process's one cursor producer
+            self.table.send(self.message(value), self.timeout_s)
+            self.committed(value)
+            return
         if self._producer is None:
             self._producer = _cursor_producer(self.bootstrap_servers, self._client_config)
         _produce_and_wait(self._producer, self.message(value), self.timeout_s)

@@ -10,6 +10,7 @@
     |   +-- RegistryError             the schema registry refused our credentials or schema
     |   +-- HostKeyError              the SFTP server's host key is unknown or does not match
     |       +-- TlsCertificateError   the FTPS server's certificate is not trusted
+    |   +-- ClusterError              the replica cannot take part in its cluster's consumer group
     +-- RetriableError                back off, leave the cursor where it is, try again
         +-- FeedUnavailableError      connection trouble, timeout, 5xx, 429
         +-- BadResponseError          a body that is not a feed response (HTML, truncated...)
@@ -19,6 +20,7 @@
         +-- RegistryUnavailableError  the schema registry is unreachable, 5xx or 429
         +-- SftpUnavailableError      the SFTP (or FTP) server is unreachable, times out or drops us
         +-- KafkaUnavailableError     the Kafka cluster does not answer (at start)
+        +-- StoppedError              asked to stop mid-poll (a handover): its batch not committed
 
 A single bad *row* is not an exception: it becomes a `records.Rejection`, goes to
 the dead-letter topic and is counted (the "skippable" class of errors).
@@ -75,6 +77,10 @@ class HostKeyError(FatalError):
 
 class TlsCertificateError(HostKeyError):
     """The FTPS server's TLS certificate does not verify against the CAs or its host name."""
+
+
+class ClusterError(FatalError):
+    """The replica cannot join or stay in its cluster's consumer group (e.g. not authorised)."""
 
 
 class RetriableError(StreamerError):
@@ -147,3 +153,11 @@ class SftpUnavailableError(RetriableError):
 
 class KafkaUnavailableError(RetriableError):
     """The Kafka cluster does not answer a metadata request (e.g. at start)."""
+
+
+class StoppedError(RetriableError):
+    """A unit was asked to stop mid-poll (its work moves to another replica, or a shutdown).
+
+    The open batch is abandoned like any failed one: its transaction aborted, its
+    cursor not committed; the next owner resumes from the last checkpoint. Not a failure.
+    """

@@ -39,6 +39,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -938,3 +939,112 @@ class SftpSourceMetrics:
 
 
 _SFTP_ERROR_KINDS = frozenset(SFTP_ERROR_KINDS)
+
+
+def forget_feed(metrics: Metrics, name: str, sftp: SftpMetrics | None = None) -> None:
+    """Remove every series of feed (or SFTP source) `name`: its unit moved to another replica.
+
+    Each family labelled `feed` loses that label value's series, so a replica shows only
+    the units it runs (Prometheus marks the removed series stale at the next scrape).
+    """
+    metrics.feeds.pop(name, None)
+    for owner in (metrics, sftp):
+        if owner is None:
+            continue
+        for family in list(vars(owner).values()):
+            if not isinstance(family, MetricWrapperBase):
+                continue
+            try:
+                family.remove_by_labels({"feed": name})
+            except ValueError:  # a family without a `feed` label
+                continue
+
+
+# From a revocation to the unit stopped: a poll aborts at its next row, but a request
+# that hangs may take up to the feed's read timeout.
+HANDOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ClusterMetrics:
+    """Cluster mode: which units this replica runs, rebalances and handovers.
+
+    Labelled by the consumer group (`group`), so that replicas of several clusters can
+    share one Prometheus job; units by their name (`unit`: feed-NAME or sftp-NAME), a
+    bounded set from the configuration.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, *, group: str, units: int, fingerprint: str
+    ) -> None:
+        self.group = group
+        Info(
+            f"{PREFIX}_cluster",
+            "This replica's consumer group, and the fingerprint of its configuration's units "
+            "of work: equal on every replica of one cluster.",
+            registry=registry,
+        ).info({"group": group, "fingerprint": fingerprint})
+        self.units = Gauge(
+            f"{PREFIX}_cluster_units",
+            "Units of work in this replica's configuration: the partitions of the assignment "
+            "topic, each owned by exactly one replica of the group.",
+            ["group"],
+            registry=registry,
+        )
+        self.units.labels(group).set(units)
+        self.units_owned = Gauge(
+            f"{PREFIX}_cluster_units_owned",
+            "Units of work the group assigned to this replica now.",
+            ["group"],
+            registry=registry,
+        )
+        self.units_owned.labels(group).set(0)
+        self.unit_assigned = Gauge(
+            f"{PREFIX}_cluster_unit_assigned_timestamp_seconds",
+            "When this replica was assigned the unit (Unix time). The series exists while "
+            "this replica owns the unit: one series per unit across the cluster.",
+            ["group", "unit"],
+            registry=registry,
+        )
+        self.rebalances = Counter(
+            f"{PREFIX}_cluster_rebalances_total",
+            "Rebalance events this replica took part in: assigned (a rebalance completed, "
+            "whether or not it brought units), revoked (units taken away), lost (the "
+            "session expired and the units with it).",
+            ["group", "event"],
+            registry=registry,
+        )
+        self.handovers = Counter(
+            f"{PREFIX}_cluster_handovers_total",
+            "Units this replica stopped running because another takes them: revoked (a "
+            "rebalance moved it), lost (the session expired), fenced (exactly-once: the "
+            "new owner's producer fenced this one's).",
+            ["group", "how"],
+            registry=registry,
+        )
+        self.handover_seconds = Histogram(
+            f"{PREFIX}_cluster_handover_seconds",
+            "From a unit's revocation (or loss) to its poll aborted and its producer closed, "
+            "after which the next owner may start it.",
+            ["group"],
+            buckets=HANDOVER_BUCKETS,
+            registry=registry,
+        )
+        self.members = Gauge(
+            f"{PREFIX}_cluster_members",
+            "Members of the consumer group, as seen after the last rebalance.",
+            ["group"],
+            registry=registry,
+        )
+        self.config_mismatch = Gauge(
+            f"{PREFIX}_cluster_config_mismatch",
+            "Members of the consumer group whose configuration (units of work) differs from "
+            "this replica's, as seen after the last rebalance; 0 when all agree.",
+            ["group"],
+            registry=registry,
+        )
+        self.config_mismatch.labels(group).set(0)
+        for event in ("assigned", "revoked", "lost"):
+            self.rebalances.labels(group, event)
+        for how in ("revoked", "lost", "fenced"):
+            self.handovers.labels(group, how)
+        self.handover_seconds.labels(group)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Sequence
@@ -51,6 +52,7 @@ from streamer.errors import (
     EventsRejectedError,
     FeedUnavailableError,
     MessagesRejectedError,
+    StoppedError,
     StreamerError,
 )
 from streamer.events import Event
@@ -134,6 +136,7 @@ class Drive:
         on_checkpoint: Callable[[], None] | None = None,
         progress: Callable[[Tally], None] | None = None,
         published: Notes | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.sink = sink
         self.publisher = publisher
@@ -146,6 +149,9 @@ class Drive:
         self.progress = progress
         # Told of every CDR handled, for reconciliation's record of what was published.
         self.published = published
+        # Set (cluster mode: the unit moves to another replica): the poll is abandoned at
+        # the next row, its open batch not committed (StoppedError), whatever its length.
+        self.stop = stop
         self.batch = Batch()
         self.tally = Tally()
         # The earliest local date of the rows handled, when asked (`track_days`): where a
@@ -171,7 +177,13 @@ class Drive:
         note = published.add if published is not None else None
         encode, publish = sink.rows.encode, sink.publish
         tail = sink.header_tail(self.headers)  # precomputed: the same for every event
+        stopping = self.stop.is_set if self.stop is not None else None
         for row in rows:
+            if stopping is not None and stopping():
+                raise StoppedError(
+                    f"stopped after {tally.rows} rows; the batch since the last checkpoint "
+                    "is not committed"
+                )
             tally.rows += 1
             # Step 3: type and encode the row in one pass (events.RowEncoder); a row that
             # cannot be typed becomes a rejection.
@@ -453,6 +465,7 @@ class FeedPipeline:
         timestamp_limits: TimestampLimits | None = None,
         timezone: str = "Pacific/Auckland",
         headers: Sequence[tuple[str, str | bytes | None]] = (),
+        stop: threading.Event | None = None,
     ) -> None:
         if exactly_once and not is_transactional_store(cursor_store):
             raise TypeError("exactly-once needs a cursor store that can join a transaction")
@@ -475,6 +488,7 @@ class FeedPipeline:
         self.ids_ascending = ids_ascending
         self.covered_by = covered_by
         self.headers = headers  # more headers on every event (a backfill's `replay`)
+        self.stop = stop  # set: a poll stops at its next row (Drive.stop)
         self.last_cursor: int | None = None  # the last committed; for log lines only
         self.timezone = ZoneInfo(timezone)
         self._first_day: date | None = None  # of the rows seen before the last break
@@ -528,7 +542,8 @@ class FeedPipeline:
                 self._reconcile(publisher, covered, record, result)
         except BaseException as exc:
             self._record = None  # it may hold what no commit made durable
-            self._count_failure(fromid, exc)
+            if not isinstance(exc, StoppedError):
+                self._count_failure(fromid, exc)
             self.sink.recover(publisher, exc)
             forget = getattr(self.cursor_store, "forget", None)
             if self.exactly_once and forget is not None:
@@ -642,6 +657,7 @@ class FeedPipeline:
             self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
             fromid=fromid, on_checkpoint=checkpointed, headers=self._headers(fromid),
             progress=partial(self._log_progress, position, started), published=record,
+            stop=self.stop,
         )  # fmt: skip
         drive.track_days = self._same_failures > 0  # a break may recur: note where it starts
         try:
@@ -687,6 +703,7 @@ class FeedPipeline:
         drive = Drive(
             self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
             fromid=start.cursor, headers=self._headers(start.cursor), published=record,
+            stop=self.stop,
         )  # fmt: skip
         window = replace(self.client.query, date=day, hour=hour)
         try:

@@ -455,9 +455,21 @@ class Publisher:
         except KafkaException as exc:
             if exc.args[0].fatal() and self._fatal is None:
                 self._fatal = exc.args[0]
+        except RuntimeError:  # closed already: nothing left to serve
+            return
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Give queued messages a last chance; whatever is unconfirmed is not committed anyway."""
+        """Give queued messages a last chance; whatever is unconfirmed is not committed anyway.
+
+        Then the client is freed: its threads and broker connections end now, not when
+        the garbage collector gets to it (callbacks tie it to this object in a cycle).
+        """
+        try:
+            self._finish(timeout_s)
+        finally:
+            self._free()
+
+    def _finish(self, timeout_s: float) -> None:
         if self.in_transaction:
             self.abort(timeout_s)
             return
@@ -470,6 +482,15 @@ class Publisher:
             # since the last check raises from inside librdkafka's callback path, which
             # Python reports as SystemError.
             log.warning("Kafka producer closed with an error: %s", exc)
+
+    def _free(self) -> None:
+        try:
+            # close() waits for every queued message without limit: drop them first.
+            self._producer.purge()
+            self._producer.poll(0)  # the purged messages' reports
+            self._producer.close()
+        except (KafkaException, RuntimeError, SystemError) as exc:
+            log.debug("freeing the Kafka producer: %s", exc)
 
 
 def provision_topic(

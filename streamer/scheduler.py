@@ -11,9 +11,9 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from streamer.errors import FatalError, RetriableError, StreamerError
+from streamer.errors import FatalError, FencedError, RetriableError, StoppedError, StreamerError
 from streamer.logs import fields, polling
 from streamer.metrics import FeedMetrics
 from streamer.pipeline import FeedPipeline, PollResult
@@ -21,6 +21,15 @@ from streamer.retry import Backoff
 from streamer.sources.files import FileCollector
 
 log = logging.getLogger(__name__)
+
+# A unit whose next poll is at least this far away closes its producer until then: a
+# Kafka client (threads, buffers, a connection per broker) costs about 0.5 MiB, and
+# a thousand feeds polled every ten minutes would hold a thousand of them for nothing.
+RELEASE_IDLE_AFTER_S = 60.0
+
+
+def _nothing() -> None:
+    return None
 
 
 class Runner(ABC):
@@ -42,6 +51,9 @@ class Runner(ABC):
         self.last_summary = ""
         self.last_error_text = ""
         self.next_poll_at: float | None = None  # Unix time
+        # Cluster mode: being fenced means another replica took this unit over (a
+        # handover, not an outage); this is told, and the runner ends without an error.
+        self.on_fenced: Callable[[FencedError], None] | None = None
 
     @property
     def failures(self) -> int:
@@ -60,6 +72,9 @@ class Runner(ABC):
     def close(self) -> None:
         """Release the source's connections and producer."""
 
+    def release(self) -> None:  # noqa: B027 - optional: by default a source keeps all
+        """Idle for a while: free the producer; the next poll builds another."""
+
     def step(self, *, once: bool = False, max_failures: int | None = None) -> float | None:
         """One poll with its error handling: the seconds to wait, or None once this runner ends.
 
@@ -77,7 +92,15 @@ class Runner(ABC):
         self.last_poll_at = time.time()
         try:
             delay = self._poll(once=once)
+        except StoppedError as exc:
+            # Cluster mode: the unit moves to another replica. Not a failure.
+            log.info("%s: asked to stop mid-poll, %s; %s", label, exc, self._position())
+            return None
         except FatalError as exc:
+            if isinstance(exc, FencedError) and self.on_fenced is not None:
+                log.info("%s: handed over: another replica fenced this one (%s)", label, exc)
+                self.on_fenced(exc)
+                return None
             self._failed(exc)
             log.error("%s stopped: %s", label, exc, extra=fields("stopped", error=str(exc)))
             self.metrics.poll_error(type(exc).__name__)
@@ -164,6 +187,10 @@ class FeedRunner(Runner):
     def close(self) -> None:
         self.pipeline.close()
 
+    def release(self) -> None:
+        self.metrics.watch_producer(_nothing)  # a scrape must not keep the old one alive
+        self.pipeline.slot.close()
+
     def _position(self) -> str:
         # No I/O here: this runs while Kafka (maybe holding the cursor) is failing.
         cursor = self.pipeline.last_cursor
@@ -237,6 +264,10 @@ class SftpRunner(Runner):
     def close(self) -> None:
         self.collector.close()
 
+    def release(self) -> None:
+        self.metrics.watch_producer(_nothing)
+        self.collector.sink.slot.close()
+
     def _position(self) -> str:
         cursor = self.collector.loaded_cursor
         if cursor is None:  # reading it failed: do not wait on the store again just to log
@@ -278,16 +309,23 @@ def run_together(
     """Run several sources in this thread, each on its own schedule, one poll at a time.
 
     For a feed and its paired SFTP source: one poll never overlaps the other's, so
-    each reads the other's committed progress, never a half-done one.
+    each reads the other's committed progress, never a half-done one. While the next
+    poll is RELEASE_IDLE_AFTER_S or more away, the sources hold no producer.
     """
     due = [0.0] * len(runners)
     active = list(range(len(runners)))
+    released = True  # nothing to release before the first poll
     while active and not stop.is_set():
         index = min(active, key=lambda i: due[i])
         wait = due[index] - time.monotonic()
         if wait > 0:
+            if wait >= RELEASE_IDLE_AFTER_S and not released:
+                for i in active:
+                    runners[i].release()
+                released = True
             stop.wait(wait)
             continue
+        released = False
         delay = runners[index].step(once=once, max_failures=max_failures)
         if delay is None:
             active.remove(index)

@@ -16,7 +16,7 @@ from operator import attrgetter, itemgetter
 from typing import Protocol
 
 from streamer.deadletter import encode_dead_letter
-from streamer.errors import DeliveryError
+from streamer.errors import DeliveryError, FencedError
 from streamer.events import Event, RowTyper, row_encoder
 from streamer.metrics import FeedMetrics, UsageTally
 from streamer.publisher import Publisher, RejectedMessage, TimestampLimits
@@ -376,6 +376,18 @@ class EventSink:
             raise DeliveryError("no producer to find the refused messages with")
         try:
             return _bisect(lambda ms: prober.probe(ms, timeout_s), rejected)
+        except FencedError as exc:
+            if prober is publisher:
+                raise
+            # Only the prober's id (<transactional id>-probe) was taken: another instance
+            # of this unit is isolating too (in cluster mode, an owner not yet stopped).
+            # That says nothing of who holds the unit's own id: no outage and no
+            # handover, so the poll is tried again (and, if the unit's own producer was
+            # fenced too, that producer says so).
+            raise DeliveryError(
+                "another instance took the probe producer's transactional id while this one "
+                "looked for the messages Kafka refuses; trying again"
+            ) from exc
         finally:
             if prober is not publisher:
                 prober.close(0)

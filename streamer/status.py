@@ -65,6 +65,12 @@ class StatusBoard:
                 self._runners[(runner.kind, runner.name)] = runner
             self._waiting = None
 
+    def detach(self, names: Sequence[str]) -> None:
+        """These sources run elsewhere now (cluster mode: their unit moved away)."""
+        with self._lock:
+            for key in [key for key in self._runners if key[1] in names]:
+                del self._runners[key]
+
     def problems(self) -> list[str]:
         """What /readyz reports beside Kafka: still starting, or a source stopped."""
         with self._lock:

@@ -301,6 +301,7 @@ class FileCollector:
         exactly_once: bool = False,
         feed_cursor: Callable[[], int] | None = None,
         stop: threading.Event | None = None,
+        abort_on_stop: bool = False,
         clock: Callable[[], float] = time.monotonic,
         max_file_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
@@ -324,6 +325,8 @@ class FileCollector:
         self.exactly_once = exactly_once
         self.feed_cursor = feed_cursor
         self.stop = stop or threading.Event()
+        # Cluster mode: `stop` abandons a file mid-read too (else only between files).
+        self.abort_on_stop = abort_on_stop
         self.tracker = SettleTracker(settle_s, clock)
         self.max_file_bytes = max_file_bytes
         self._committed: FileCursor | None = None
@@ -449,6 +452,7 @@ class FileCollector:
         drive = Drive(
             self.sink, publisher, position, checkpoint_every=self.checkpoint_every,
             headers=[("file", f.name.encode("utf-8"))], file=f.name,
+            stop=self.stop if self.abort_on_stop else None,
         )  # fmt: skip
 
         def count_bytes(n: int) -> None:

@@ -238,6 +238,31 @@ def test_a_call_before_1970_gets_the_produce_time_and_a_header() -> None:
     assert by_id[4].timestamp_ms > 0
 
 
+def test_a_stop_mid_response_abandons_the_batch_since_the_last_checkpoint() -> None:
+    import threading
+
+    from streamer.errors import StoppedError
+
+    publisher, store = FakePublisher(), MemoryCursorStore(0)
+    stop = threading.Event()
+
+    def stopping_after(n: int, ids: list[int]) -> Iterator[Row]:
+        for i, row in enumerate(rows(ids)):
+            if i == n:
+                stop.set()  # as a revoke does, from another thread, between two rows
+            yield row
+
+    position = FeedPosition(
+        "main", store.load_state(), store, exactly_once=False, ascending=True, covered=None
+    )
+    drive = Drive(make_sink(publisher), publisher, position, checkpoint_every=3, stop=stop)  # type: ignore[arg-type]
+    with pytest.raises(StoppedError, match="stopped after 7 rows"):
+        drive.run(stopping_after(7, list(range(1, 21))))
+    assert store.load() == 6  # the checkpoints at 3 and 6; rows 7 (produced) are not
+    assert sorted(delivered_ids(publisher)) == [1, 2, 3, 4, 5, 6]
+    assert drive.tally.rows == 7
+
+
 @pytest.mark.parametrize("cdr_id", [1, 63, 64, 5001, 2**31 + 7, 2**62])
 def test_event_id_reads_the_first_field_in_either_framing(cdr_id: int) -> None:
     from dataclasses import replace
@@ -350,3 +375,36 @@ def test_timestamp_limits_follow_the_clock_even_when_batches_are_small(
     assert first.timestamp_ms == event.timestamp_ms  # the limits of the start, at first
     assert last.timestamp_ms == 0
     assert ("timestamp_replaced", b"too_old") in last.headers
+
+
+def test_a_fenced_probe_is_a_retriable_failure_not_a_fenced_unit() -> None:
+    """Exactly-once: only `<tid>-probe` taken by another instance says nothing of the unit's id.
+
+    Fenced there must not pass for the unit's own producer being fenced: alone that
+    would be an outage, in cluster mode a handover (the unit stopped on its owner).
+    """
+    from streamer.errors import DeliveryError, FencedError, StreamerError
+
+    @dataclass
+    class FencedProber(FakePublisher):
+        closed: bool = False
+
+        def probe(self, messages: list[RejectedMessage], timeout_s: float) -> list[RejectedMessage]:
+            raise FencedError("Kafka fenced transactional id 't-main-probe'")
+
+        def close(self, timeout_s: float = 10.0) -> None:
+            self.closed = True
+
+    publisher, prober = FakePublisher(transactional_id="t-main"), FencedProber("t-main-probe")
+    metrics = Metrics(CollectorRegistry()).for_feed("main")
+    sink = EventSink(
+        name="main", source="feed", slot=PublisherSlot(lambda: publisher, lambda: prober),
+        encoder=Encoder(), topic="events", dead_letter_topic="dead", metrics=metrics,
+        flush_timeout_s=1.0,
+    )  # fmt: skip
+    refused = [RejectedMessage("events", b"k", b"v", [], 0, "Broker: Invalid record")]
+    with pytest.raises(StreamerError) as caught:
+        sink.isolate(publisher, refused)  # type: ignore[arg-type]
+    assert type(caught.value) is DeliveryError
+    assert isinstance(caught.value.__cause__, FencedError)
+    assert prober.closed

@@ -103,3 +103,22 @@ def test_an_unreachable_cluster_is_a_delivery_error_not_a_hang() -> None:
             publisher.flush(5)
     finally:
         publisher.close(0)
+
+
+def _threads() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+
+
+def test_close_frees_the_client_at_once_even_with_messages_it_cannot_send() -> None:
+    before = _threads()
+    publisher = Publisher(mock_config())
+    publisher.produce("events", b"k", b"v")
+    publisher.flush(30)
+    assert _threads() > before  # librdkafka's own threads
+    stuck = Publisher(producer_config("127.0.0.1:1", {"message.timeout.ms": "60000"}))
+    stuck.produce("events", b"k", b"never delivered")
+    publisher.close()
+    stuck.close(0.1)  # its message would keep close() waiting without limit
+    assert _threads() == before
+    stuck.poll()  # a scrape may still poll a closed producer: nothing happens
