@@ -175,6 +175,7 @@ def _build_pipeline(
         ids_ascending=feed.ids_ascending,
         timestamp_limits=limits,
         timezone=feed.timezone,
+        workers=feed.workers,
     )
 
 

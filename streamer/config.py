@@ -113,6 +113,9 @@ class FeedSettings:
     # HTTPS: the CA certificates (PEM) to trust for the feed instead of the public ones
     # (certifi's; or SSL_CERT_FILE / SSL_CERT_DIR). Verification cannot be turned off.
     ca_file: str = ""
+    # Worker processes that parse, type and encode the body's rows (csv, txt, pipe);
+    # 0: all in the feed's own thread. See streamer/workers.py.
+    workers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -747,6 +750,8 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
         )
     if int(args.get("max_attempts", 5)) < 1:
         problems.add(f"{where}.max_attempts", "must be at least 1")
+    if not 0 <= int(args.get("workers", 0)) <= 64:
+        problems.add(f"{where}.workers", "must be 0 (in-process) to 64")
     zone = str(args.get("timezone", "Pacific/Auckland"))
     try:
         ZoneInfo(zone)
