@@ -750,8 +750,8 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
         )
     if int(args.get("max_attempts", 5)) < 1:
         problems.add(f"{where}.max_attempts", "must be at least 1")
-    if not 0 <= int(args.get("workers", 0)) <= 64:
-        problems.add(f"{where}.workers", "must be 0 (in-process) to 64")
+    if int(args.get("workers", 0)) > 64:
+        problems.add(f"{where}.workers", "must be at most 64 (0: parse in-process)")
     zone = str(args.get("timezone", "Pacific/Auckland"))
     try:
         ZoneInfo(zone)

@@ -158,14 +158,15 @@ class WorkerPool:
         executor = self._executor
         if executor is None:
             return []
-        return [p.pid for p in executor._processes.values() if p.pid is not None]
+        processes = getattr(executor, "_processes", None) or {}
+        return [p.pid for p in processes.values() if p.pid is not None]
 
     def close(self) -> None:
         """Stop the workers (killed: a hung one would never finish its block)."""
         executor, self._executor = self._executor, None
         if executor is None:
             return
-        for process in list(executor._processes.values()):
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
             if process.is_alive():
                 process.kill()
         executor.shutdown(wait=True, cancel_futures=True)
