@@ -27,7 +27,11 @@ JSON bodies, a first line that is blank, too long or unreadable, a line longer t
 path. The pool starts with the ``forkserver`` method: librdkafka's threads are never
 forked. A worker that dies or does not answer within `BLOCK_TIMEOUT_S` fails the poll
 (`WorkerError`, retriable: the cursor stays where it is) and the pool is rebuilt on
-the next poll.
+the next poll that uses it. After any failed poll the feed polls in-process until a
+poll succeeds: the catch-up by date windows needs the rows' dates, which the workers
+do not send back. Mid-body connection errors come after the rows of the blocks
+already handled, without those still in the workers: fewer rows are kept before the
+break than in-process, never a row that was not confirmed.
 """
 
 from __future__ import annotations
