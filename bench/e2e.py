@@ -71,9 +71,9 @@ def _env_tuple(name: str, default: str) -> tuple[str, ...]:
 SIZES = tuple(int(n) for n in _env_tuple("CDR_BENCH_SIZES", "100000,1000000"))
 FORMATS = _env_tuple("CDR_BENCH_FORMATS", "csv,json")
 MODES = ("at_least_once", "exactly_once")
-# Worker processes per streamer (issue 14, item 2): 0 is parsing in the streamer's own
-# process. When the setting exists, add 2 here and write it in `_config`.
-WORKERS: tuple[int, ...] = (0,)
+# Worker processes per streamer (issue 14, item 2; the feed's `workers`): 0 is parsing
+# in the streamer's own process. json bodies always parse in-process.
+WORKERS = tuple(int(n) for n in _env_tuple("CDR_BENCH_WORKERS", "0,2"))
 RUNS = int(os.environ.get("CDR_BENCH_RUNS", "3"))
 BASELINE = os.environ.get("CDR_BENCH_BASELINE", "")  # a git revision to compare with, or none
 STAGE_ROWS = min(100_000, max(SIZES))
@@ -202,8 +202,6 @@ def serve_ceiling(url: str, fmt: str, fromid: int, rows: int) -> ServerCeiling:
 def _config(
     tmp: Path, bootstrap: str, url: str, fmt: str, mode: str, workers: int, first_id: int
 ) -> Path:
-    if workers:
-        raise NotImplementedError("worker processes arrive with issue 14, item 2")
     tag = uuid.uuid4().hex[:8]
     path = tmp / f"streamer-{tag}.toml"
     path.write_text(
@@ -229,6 +227,7 @@ ids_ascending = true
 cursor_file = "{tmp / f"cursor-{tag}.json"}"
 initial_cursor = {first_id}
 read_timeout_s = 300
+workers = {workers}
 """
     )
     return path

@@ -287,6 +287,7 @@ def _build_pipeline(
         timezone=feed.timezone,
         headers=headers,
         stop=stop if abort_on_stop else None,
+        workers=feed.workers,
     )
     if reconcile and feed.reconcile:
         pipeline.reconciler = Reconciler(

@@ -162,6 +162,9 @@ class FeedSettings:
     # HTTPS: the CA certificates (PEM) to trust for the feed instead of the public ones
     # (certifi's; or SSL_CERT_FILE / SSL_CERT_DIR). Verification cannot be turned off.
     ca_file: str = ""
+    # Worker processes that parse, type and encode the body's rows (csv, txt, pipe);
+    # 0: all in the feed's own thread. See streamer/workers.py.
+    workers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -963,6 +966,8 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
         problems.add(f"{where}.reconcile_checks", f"must be 1 to 24, not {checks}")
     if args.get("reconcile_clock", "wall") not in ("wall", "feed"):
         problems.add(f"{where}.reconcile_clock", "must be 'wall' or 'feed'")
+    if int(args.get("workers", 0)) > 64:
+        problems.add(f"{where}.workers", "must be at most 64 (0: parse in-process)")
     zone = str(args.get("timezone", "Pacific/Auckland"))
     try:
         ZoneInfo(zone)

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from functools import partial
@@ -60,7 +60,8 @@ from streamer.metrics import FeedMetrics
 from streamer.publisher import Publisher, TimestampLimits
 from streamer.records import Rejection, Row, parse_date
 from streamer.sink import Batch, Encoder, EventSink, PublisherSlot
-from streamer.sources.feed import FeedClient
+from streamer.sources.feed import BodyParser, FeedClient
+from streamer.workers import Encoded, WorkerPool
 
 if TYPE_CHECKING:  # reconcile.py builds on this module's Drive
     from streamer.reconcile import Notes, PublishedRecord, Reconciler
@@ -159,7 +160,7 @@ class Drive:
         self.track_days = False
         self.first_day: date | None = None
 
-    def run(self, rows: Iterable[Row | Rejection]) -> None:
+    def run(self, rows: Iterable[Row | Rejection | Encoded]) -> None:
         """Handle every row; may raise from the rows' iterator (the batch stays open)."""
         next_progress = time.monotonic() + PROGRESS_EVERY_S
         try:
@@ -170,7 +171,7 @@ class Drive:
             self._dead_letter_refused(exc)
             raise
 
-    def _run(self, rows: Iterable[Row | Rejection], next_progress: float) -> None:
+    def _run(self, rows: Iterable[Row | Rejection | Encoded], next_progress: float) -> None:
         sink, publisher, position, tally = self.sink, self.publisher, self.position, self.tally
         refused = sink.refused
         published = self.published
@@ -186,8 +187,13 @@ class Drive:
                 )
             tally.rows += 1
             # Step 3: type and encode the row in one pass (events.RowEncoder); a row that
-            # cannot be typed becomes a rejection.
-            item = row if isinstance(row, Rejection) else encode(row)
+            # cannot be typed becomes a rejection. Rows from the workers come encoded.
+            if isinstance(row, Row):
+                item: Event | Rejection = encode(row)
+            elif isinstance(row, Encoded):
+                item = row.item
+            else:
+                item = row
             cdr_id = item.cdr_id
             if self.track_days and isinstance(item, Event) and isinstance(row, Row):
                 day = parse_date(row.values["Date"])  # typed already: it parses
@@ -202,7 +208,7 @@ class Drive:
             # Step 4: produce the event or the dead letter.
             if refused and isinstance(item, Event) and item.cdr_id in refused:
                 # Exactly-once replay of a transaction Kafka refused this event in.
-                raw = row.raw if isinstance(row, Row) else ""
+                raw = row.raw if isinstance(row, Row | Encoded) else ""
                 item = Rejection("kafka_rejected", refused[item.cdr_id], raw, item.cdr_id)
             if isinstance(item, Event):
                 publish(publisher, item, self.batch, tail, row.raw)
@@ -247,7 +253,6 @@ class Drive:
         if self.on_checkpoint is not None:
             self.on_checkpoint()
 
-
     def _dead_letter_refused(self, exc: MessagesRejectedError) -> None:
         sink, publisher = self.sink, self.publisher
         refused = sink.isolate(publisher, exc.rejected)
@@ -261,8 +266,7 @@ class Drive:
         if others:
             # A dead letter or cursor record Kafka refuses on its own: nothing to fall back to.
             raise DeliveryError(
-                f"Kafka refused {len(others)} dead letters or cursor records: "
-                f"{others[0].reason}"
+                f"Kafka refused {len(others)} dead letters or cursor records: {others[0].reason}"
             ) from exc
         if publisher.transactional_id:
             sink.refuse(events)
@@ -391,6 +395,12 @@ class FeedPosition:
             self.record.committed = state.published
 
 
+def _parse_in(
+    pool: WorkerPool, chunks: Iterable[bytes], fmt: str, encoding: str, *, header: bytes
+) -> Iterator[Row | Rejection | Encoded]:
+    return pool.parse(chunks, fmt, encoding, header)
+
+
 @dataclass
 class CatchUp:
     """A feed asking for one date (or hour) window at a time, oldest first, up to today.
@@ -466,6 +476,7 @@ class FeedPipeline:
         timezone: str = "Pacific/Auckland",
         headers: Sequence[tuple[str, str | bytes | None]] = (),
         stop: threading.Event | None = None,
+        workers: int = 0,
     ) -> None:
         if exactly_once and not is_transactional_store(cursor_store):
             raise TypeError("exactly-once needs a cursor store that can join a transaction")
@@ -489,6 +500,8 @@ class FeedPipeline:
         self.covered_by = covered_by
         self.headers = headers  # more headers on every event (a backfill's `replay`)
         self.stop = stop  # set: a poll stops at its next row (Drive.stop)
+        # Worker processes for parse -> type -> encode (streamer/workers.py); None: in-process.
+        self.pool = WorkerPool(workers) if workers else None
         self.last_cursor: int | None = None  # the last committed; for log lines only
         self.timezone = ZoneInfo(timezone)
         self._first_day: date | None = None  # of the rows seen before the last break
@@ -517,8 +530,18 @@ class FeedPipeline:
         return self.slot.get()
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
         self.slot.close()
         self.client.close()
+
+    def _parser(self) -> BodyParser | None:
+        """The workers' parser for this feed's bodies, when they can take them."""
+        pool = self.pool
+        header = pool.accepts(self.client.query.format, self.sink.rows) if pool else None
+        if pool is None or header is None:
+            return None
+        return partial(_parse_in, pool, header=header)
 
     def poll(self) -> PollResult:
         """Fetch everything after the committed cursor once; commit as it is confirmed."""
@@ -660,10 +683,13 @@ class FeedPipeline:
             stop=self.stop,
         )  # fmt: skip
         drive.track_days = self._same_failures > 0  # a break may recur: note where it starts
+        # The workers give no rows' dates to track: after a break, the poll stays in-process.
+        parse = None if drive.track_days else self._parser()
         try:
-            # Step 2: fetch; the rows arrive parsed as the body streams in.
+            # Step 2: fetch; the rows arrive parsed (and, from the workers, typed and
+            # encoded) as the body streams in.
             try:
-                with self.client.fetch(fromid) as rows:
+                with self.client.fetch(fromid, parse=parse) as rows:
                     drive.run(rows)
             except (BadResponseError, FeedUnavailableError) as exc:
                 if drive.tally.rows:

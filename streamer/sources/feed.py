@@ -31,7 +31,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
@@ -54,8 +54,12 @@ from streamer.limits import ACCEPT_ENCODING, BodyLimits, decode_content
 from streamer.records import FIELDS, Rejection, Row
 from streamer.redact import excerpt
 from streamer.retry import Backoff, retry_after_s
+from streamer.workers import Encoded
 
 log = logging.getLogger(__name__)
+
+# Chunks, format, encoding -> rows: `formats.parse_rows`, or a `workers.WorkerPool`'s.
+BodyParser = Callable[[Iterable[bytes], str, str], Iterator[Row | Rejection | Encoded]]
 
 # A body this short that talks about the login is the provider saying "no" with status 200.
 _AUTH_TEXT = re.compile(
@@ -209,11 +213,13 @@ class FeedClient:
 
     @contextmanager
     def fetch(
-        self, fromid: int, window: FeedQuery | None = None
-    ) -> Iterator[Iterator[Row | Rejection]]:
+        self, fromid: int, window: FeedQuery | None = None, parse: BodyParser | None = None
+    ) -> Iterator[Iterator[Row | Rejection | Encoded]]:
         """Open one page from `fromid` (exclusive), retrying what can be retried; yields its rows.
 
         `window`: this request's query instead of the feed's own (a date or hour window).
+        `parse`: the body's chunks, format and encoding -> its rows, instead of
+        `formats.parse_rows` (`workers.WorkerPool`: rows typed and encoded already).
 
         Rows are parsed as the body arrives. An error mid-body raises from the row
         iterator, after the rows before it: the caller decides what they mean.
@@ -252,7 +258,7 @@ class FeedClient:
         counter = _ByteCounter()
         outcome = "ok"
         try:
-            yield parse_rows(
+            yield (parse or parse_rows)(
                 self._body(response, deadline, counter), self.query.format, self.encoding
             )
         except Exception as exc:

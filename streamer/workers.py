@@ -1,0 +1,331 @@
+"""Parse, type and encode a delimited feed body in worker processes, in feed order.
+
+`WorkerPool.parse(chunks, fmt, encoding, encoder)` stands in for `formats.parse_rows`
+followed by `encoder.encode` of every row: it yields the same rows' events and
+rejections, in the same order, as `Encoded` items (`Rejection`s from the parser as
+they are). The main process only splits the streamed body into record-aligned blocks
+(`BLOCK_BYTES`, split at a line end) and sends them to the workers, at most
+`IN_FLIGHT_PER_WORKER` blocks per worker at a time, so memory stays flat; ordering,
+dead letters, checkpoints and the cursor stay with the caller (`pipeline.Drive`).
+
+Why a block gives exactly what the whole body gives (`_encode_block`):
+
+* Each block after the first is parsed behind the body's first line (the header, or
+  the first row, whose output is dropped), so the layout is the body's own.
+* A block is cut at a line end, but a line end may sit inside a quoted field. So the
+  worker parses the block with a sentinel row after it (every cell ``1``): the block
+  ended between records exactly when the sentinel comes out as a row of its own and
+  the record before it is no `unclosed_quote` (whose resynchronising depends on the
+  line after it). Otherwise, or when a block that is not the body's last raises, the
+  block's results are discarded and the rest of the body, from that block on, is
+  parsed in the main process, the in-process way. By induction every block a worker's
+  results are used for starts between records.
+* The last block ends where the body ends: its truncation checks are the body's.
+
+JSON bodies, a first line that is blank, too long or unreadable, a line longer than
+`MAX_PENDING_BYTES`, and encoders other than `events.RowEncoder` take the in-process
+path. The pool starts with the ``forkserver`` method: librdkafka's threads are never
+forked. A worker that dies or does not answer within `BLOCK_TIMEOUT_S` fails the poll
+(`WorkerError`, retriable: the cursor stays where it is) and the pool is rebuilt on
+the next poll that uses it. After any failed poll the feed polls in-process until a
+poll succeeds: the catch-up by date windows needs the rows' dates, which the workers
+do not send back. Mid-body connection errors come after the rows of the blocks
+already handled, without those still in the workers: fewer rows are kept before the
+break than in-process, never a row that was not confirmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from concurrent.futures.process import BrokenProcessPool
+from itertools import chain, islice
+from typing import NamedTuple
+
+from streamer.errors import BadResponseError, RetriableError
+from streamer.events import Event, RowEncoder
+from streamer.formats import _BODY_CODECS, FORMATS, _cells_of, parse_rows
+from streamer.records import FIELDS, Rejection, Row
+
+log = logging.getLogger(__name__)
+
+BLOCK_BYTES = 1 << 20  # a block is cut at the first line end after this many bytes
+IN_FLIGHT_PER_WORKER = 2  # blocks queued per worker: one parsing, one waiting
+MAX_PENDING_BYTES = 16 << 20  # no line end in this much: the rest goes in-process
+MAX_FIRST_LINE_BYTES = 64 << 10
+BLOCK_TIMEOUT_S = 120.0  # a worker silent this long on one block is taken as hung
+
+
+class WorkerError(RetriableError):
+    """A worker process died or hung: the poll fails, the cursor stays where it is."""
+
+
+class Encoded(NamedTuple):
+    """A row a worker typed and encoded: its event or rejection, and the row's raw text."""
+
+    item: Event | Rejection
+    raw: str
+
+
+class _Task(NamedTuple):
+    prefix: bytes  # the body's first line (b"" for the first block)
+    drop: int  # outputs of `prefix` to drop: 1 when it is a row, 0 for a header
+    block: bytes
+    sentinel: bytes  # b"" for the body's last block
+    fmt: str
+    encoding: str
+    header: bytes  # RowEncoder's framing
+
+
+# (items, None) or (items, (message, reason)) of a BadResponseError in the last block;
+# None: the block did not end between records, parse it in-process.
+_Result = tuple[list[Encoded | Rejection], tuple[str, str] | None] | None
+
+_encoders: dict[bytes, RowEncoder] = {}  # per worker process, by framing
+
+
+def _encode_block(task: _Task) -> _Result:
+    """In a worker: parse, type and encode one block (see the module docstring)."""
+    encoder = _encoders.get(task.header)
+    if encoder is None:
+        encoder = _encoders[task.header] = RowEncoder(task.header)
+    parts = [p for p in (task.prefix, task.block, task.sentinel) if p]
+    rows: list[Row | Rejection] = []
+    error: tuple[str, str] | None = None
+    try:
+        rows.extend(parse_rows(parts, task.fmt, task.encoding))
+    except BadResponseError as exc:
+        if task.sentinel:
+            return None
+        error = (str(exc), exc.reason)
+    if task.sentinel:
+        sentinel = task.sentinel.decode("ascii").rstrip("\n")
+        if len(rows) <= task.drop or not isinstance(rows[-1], Row) or rows[-1].raw != sentinel:
+            return None
+        rows.pop()
+        if rows and isinstance(rows[-1], Rejection) and rows[-1].reason == "unclosed_quote":
+            return None
+    del rows[: task.drop]
+    items: list[Encoded | Rejection] = [
+        r if isinstance(r, Rejection) else Encoded(encoder.encode(r), r.raw) for r in rows
+    ]
+    return items, error
+
+
+def _sentinel(fmt: str, width: int) -> bytes:
+    """A row of `width` cells ``1`` (ID 1 wherever the ID is): clean, unquoted, one line."""
+    return (FORMATS[fmt].join(["1"] * width) + "\n").encode("ascii")
+
+
+def _line_end(buf: bytes | bytearray, start: int) -> int:
+    """The index after the first line end at or after `start`; -1 if none is known yet."""
+    lf = buf.find(b"\n", start)
+    cr = buf.find(b"\r", start, lf if lf >= 0 else len(buf))
+    if cr < 0:
+        return lf + 1 if lf >= 0 else -1
+    if cr + 1 == len(buf):
+        return -1  # a CR last: an LF may follow in the next chunk
+    return cr + 2 if buf[cr + 1 : cr + 2] == b"\n" else cr + 1
+
+
+def _last_line_end(buf: bytearray, start: int) -> int:
+    """The index after the last line end at or after `start` (not a CR last); -1 if none."""
+    lf = buf.rfind(b"\n", start)
+    cr = buf.rfind(b"\r", max(start, lf + 1), len(buf) - 1)
+    end = max(lf, cr)
+    return end + 1 if end >= 0 else -1
+
+
+class WorkerPool:
+    """`workers` processes that parse, type and encode blocks of delimited feed bodies."""
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError("a WorkerPool needs at least one worker")
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            # forkserver: the workers are forked from a clean server process, never from
+            # this one, whose librdkafka threads a fork would leave in an unknown state.
+            context = multiprocessing.get_context("forkserver")
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=context)
+        return self._executor
+
+    def pids(self) -> list[int]:
+        """The worker processes' IDs (started on first use; tests and benchmarks)."""
+        executor = self._executor
+        if executor is None:
+            return []
+        processes = getattr(executor, "_processes", None) or {}
+        return [p.pid for p in processes.values() if p.pid is not None]
+
+    def close(self) -> None:
+        """Stop the workers (killed: a hung one would never finish its block)."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            if process.is_alive():
+                process.kill()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+    def accepts(self, fmt: str, encoder: object) -> bytes | None:
+        """The framing to encode with, if this format and encoder can go to the workers."""
+        if fmt not in FORMATS or fmt == "json":
+            return None
+        if isinstance(encoder, RowEncoder):
+            return encoder.header
+        header = getattr(encoder, "header", None)  # events._RegistryRows, once settled
+        return header if isinstance(header, bytes) and header[:1] == b"\0" else None
+
+    def parse(
+        self, chunks: Iterable[bytes], fmt: str, encoding: str, header: bytes
+    ) -> Iterator[Encoded | Row | Rejection]:
+        """The body's rows, typed and encoded in the workers where they can be; in order."""
+        stream = iter(chunks)
+        buf = bytearray()
+        first_end = -1
+        for chunk in stream:
+            buf += chunk
+            first_end = _line_end(buf, 0)
+            if first_end >= 0 or len(buf) > MAX_FIRST_LINE_BYTES:
+                break
+        first = bytes(buf[:first_end]) if 0 <= first_end <= MAX_FIRST_LINE_BYTES else b""
+        layout = self._first_line(first, fmt, encoding) if first else None
+        if layout is None:
+            yield from parse_rows(chain([bytes(buf)], stream), fmt, encoding)
+            return
+        drop, width = layout
+        sentinel = _sentinel(fmt, width)
+        yield from self._blocks(stream, buf, first, drop, sentinel, fmt, encoding, header)
+
+    @staticmethod
+    def _first_line(first: bytes, fmt: str, encoding: str) -> tuple[int, int] | None:
+        """(outputs of the first line, cells of a row), or None: parse in-process."""
+        if not first.strip():
+            return None
+        try:
+            outputs = list(parse_rows([first], fmt, encoding))
+        except BadResponseError:
+            return None
+        if len(outputs) > 1:
+            return None
+        if outputs:
+            drop, width = 1, len(FIELDS)
+        else:
+            text = first.decode(_BODY_CODECS[encoding], "surrogateescape")
+            drop, width = 0, len(_cells_of(text, FORMATS[fmt]))
+        # The first line must end between records, as every block's cut (a quote left
+        # open would take the lines after it): the sentinel after it must come out alone.
+        sentinel = _sentinel(fmt, width)
+        try:
+            again = list(parse_rows([first, sentinel], fmt, encoding))
+        except BadResponseError:
+            return None
+        last = again[-1] if len(again) == drop + 1 else None
+        if not isinstance(last, Row) or last.raw != sentinel.decode("ascii").rstrip("\n"):
+            return None
+        return drop, width
+
+    def _blocks(
+        self,
+        stream: Iterator[bytes],
+        buf: bytearray,
+        first: bytes,
+        drop: int,
+        sentinel: bytes,
+        fmt: str,
+        encoding: str,
+        header: bytes,
+    ) -> Iterator[Encoded | Row | Rejection]:
+        pool = self._pool()
+        pending: deque[tuple[Future[_Result], bytes, bool]] = deque()
+        limit = self.workers * IN_FLIGHT_PER_WORKER
+        ended = False
+        sent = 0  # blocks sent so far
+
+        def submit(block: bytes, last: bool) -> None:
+            nonlocal sent
+            prefix, dropped = (b"", 0) if sent == 0 else (first, drop)
+            task = _Task(prefix, dropped, block, b"" if last else sentinel, fmt, encoding, header)
+            try:
+                pending.append((pool.submit(_encode_block, task), block, sent == 0))
+            except BrokenProcessPool as exc:
+                raise self._broken() from exc
+            sent += 1
+
+        try:
+            while pending or not ended:
+                # Step 1: cut and send blocks while the queue has room.
+                while not ended and len(pending) < limit:
+                    end = _last_line_end(buf, 0) if len(buf) > BLOCK_BYTES else -1
+                    if end > 0:
+                        submit(bytes(buf[:end]), last=False)
+                        del buf[:end]
+                        continue
+                    if len(buf) > MAX_PENDING_BYTES:
+                        break  # a line longer than this: the rest goes in-process
+                    chunk = next(stream, None)
+                    if chunk is None:
+                        ended = True
+                        if buf or sent == 0:
+                            submit(bytes(buf), last=True)
+                        buf.clear()
+                    else:
+                        buf += chunk
+                if not pending:
+                    break
+                # Step 2: the oldest block's results, in feed order.
+                future, block, is_first = pending[0]
+                result = self._result(future)
+                pending.popleft()
+                if result is None:
+                    # Not cut between records: this block and the rest, in-process.
+                    rest = [b for _, b, _ in pending]
+                    for f, _, _ in pending:
+                        f.cancel()
+                    pending.clear()
+                    parts = chain([block], rest, [bytes(buf)], stream)
+                    if is_first:
+                        yield from parse_rows(parts, fmt, encoding)
+                    else:
+                        yield from islice(
+                            parse_rows(chain([first], parts), fmt, encoding), drop, None
+                        )
+                    return
+                items, error = result
+                yield from items
+                if error is not None:
+                    raise BadResponseError(error[0], reason=error[1])
+            if buf:
+                # A line too long to cut at: the rest of the body in-process.
+                parts = chain([first, bytes(buf)], stream)
+                yield from islice(parse_rows(parts, fmt, encoding), drop, None)
+        finally:
+            for f, _, _ in pending:
+                f.cancel()
+
+    def _result(self, future: Future[_Result]) -> _Result:
+        try:
+            return future.result(timeout=BLOCK_TIMEOUT_S)
+        except FutureTimeoutError as exc:
+            self.close()
+            raise WorkerError(
+                f"a worker process did not answer within {BLOCK_TIMEOUT_S:.0f} s; the "
+                "workers are restarted and the poll is retried from the committed cursor"
+            ) from exc
+        except BrokenProcessPool as exc:
+            raise self._broken() from exc
+
+    def _broken(self) -> WorkerError:
+        self.close()
+        return WorkerError(
+            "a worker process died (killed, or out of memory?); the workers are restarted "
+            "and the poll is retried from the committed cursor"
+        )

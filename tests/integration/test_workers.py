@@ -1,0 +1,116 @@
+"""Worker processes (feed `workers`) against the real broker: a worker killed mid-poll."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import StreamerProcess, read_cursor, read_cursor_topic, read_events
+
+from streamer.simulator import BillingFeedSimulator
+
+CDRS = 200_000
+CHECKPOINT_EVERY = 5_000
+MORE = 20_000
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # The command name, in parentheses, may hold spaces: the fields after it.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _workers(pid: int) -> list[int]:
+    """The streamer's worker processes: the forkserver's children (its grandchildren)."""
+    return [w for child in _children(pid) for w in _children(child)]
+
+
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+def test_a_worker_killed_mid_poll_fails_the_poll_and_loses_nothing(
+    delivery: str,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    topic_name: str,
+    simulator: Callable[..., BillingFeedSimulator],
+    streamer_config: Callable[..., Path],
+) -> None:
+    sim = simulator(backlog=CDRS, seed=5, malformed_rate=0.001)
+    cursor_file = tmp_path / "cursor.json"
+    feed = {
+        "name": "main", "url": sim.url, "login": "81234567", "poll_interval_s": 1,
+        "cursor_file": str(cursor_file), "backoff_base_s": 0.2, "backoff_max_s": 1,
+        "ids_ascending": True, "workers": 2,
+    }  # fmt: skip
+    cursor_topic = f"{topic_name}-cursors"
+    config = streamer_config(
+        [feed], checkpoint_every=CHECKPOINT_EVERY, delivery=delivery, cursor_topic=cursor_topic
+    )
+
+    def committed() -> int | None:
+        if delivery == "exactly_once":
+            return read_cursor_topic(kafka_bootstrap, cursor_topic, "main")
+        return read_cursor(cursor_file)
+
+    proc = StreamerProcess(config, tmp_path / "run.log")
+    try:
+        proc.wait_for(lambda: len(_workers(proc.proc.pid)) == 2, "two worker processes")
+        victim = _workers(proc.proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        failure = re.compile(r"a worker process died.*cursor stays at (\d+)")
+        proc.wait_for(lambda: failure.search(proc.log()) is not None, "the poll to fail")
+        match = failure.search(proc.log())
+        assert match is not None
+        stayed = int(match.group(1))
+        assert stayed < CDRS  # it failed mid-poll, not after
+        # The next poll finishes the feed (in-process: after a failed poll, the rows'
+        # dates are tracked for a catch-up, which the workers do not report).
+        proc.wait_for(lambda: committed() == CDRS, "the cursor to reach the end")
+        # Then, the poll after a good one goes to a new pool of workers.
+        sim.add(MORE)
+        proc.wait_for(lambda: committed() == CDRS + MORE, "the new CDRs")
+        assert len(_workers(proc.proc.pid)) == 2
+        assert victim not in _workers(proc.proc.pid)
+    finally:
+        assert proc.stop() == 0, proc.log()[-3000:]
+
+    log = proc.log()
+    assert f"cursor {stayed} -> {CDRS}" in log, log[-3000:]
+    events = read_events(kafka_bootstrap, topic_name)
+    ids = Counter(e.value["ID"] for e in events)
+    malformed = {i for i in range(1, CDRS + MORE + 1) if sim.is_malformed(i)}
+    assert malformed
+    missing = set(range(1, CDRS + MORE + 1)) - set(ids) - malformed
+    assert not missing, f"{len(missing)} CDRs lost, e.g. {sorted(missing)[:5]}"
+    # At least once: only the rows after the cursor that stayed can come twice.
+    duplicated = {i for i, n in ids.items() if n > 1}
+    if delivery == "exactly_once":
+        assert not duplicated
+    else:
+        assert all(i > stayed for i in duplicated)
+    dead = [json.loads(m.value()) for m in _read_dlq(kafka_bootstrap, topic_name)]
+    # Every malformed row is a dead letter (by its ID, or one without a readable ID).
+    unaccounted = malformed - set(ids) - {d["id"] for d in dead}
+    assert len(unaccounted) <= sum(1 for d in dead if d["id"] is None)
+    assert dead
+
+
+def _read_dlq(bootstrap: str, topic: str) -> list[object]:
+    from helpers import read_topic
+
+    return list(read_topic(bootstrap, f"{topic}-dlq"))
