@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -34,6 +35,19 @@ class KafkaBroker:
 
     bootstrap: str
     local_dir: Path | None
+
+
+# Loggers the CLI's logs.setup() quiets for the whole process (cli.main runs in-process
+# in some tests): each test starts with the levels the session began with.
+_QUIETED = ("httpx", "httpcore", "paramiko")
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_levels() -> Iterator[None]:
+    levels = {name: logging.getLogger(name).level for name in ("", *_QUIETED)}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture(autouse=True)

@@ -245,6 +245,8 @@ def test_get_puts_parameters_in_query_and_logs_redact_the_password(
         return response(200)
 
     caplog.set_level(logging.DEBUG)
+    # An in-process `cli.main` of an earlier test quiets httpx (logs.setup): hear it here.
+    caplog.set_level(logging.DEBUG, logger="httpx")
     client = client_for(httpx.MockTransport(record), method="GET")
     fetch_all(client, fromid=3)
     assert seen[0].url.params["password"] == PASSWORD
