@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from functools import partial
@@ -395,12 +395,6 @@ class FeedPosition:
             self.record.committed = state.published
 
 
-def _parse_in(
-    pool: WorkerPool, chunks: Iterable[bytes], fmt: str, encoding: str, *, header: bytes
-) -> Iterator[Row | Rejection | Encoded]:
-    return pool.parse(chunks, fmt, encoding, header)
-
-
 @dataclass
 class CatchUp:
     """A feed asking for one date (or hour) window at a time, oldest first, up to today.
@@ -541,7 +535,7 @@ class FeedPipeline:
         header = pool.accepts(self.client.query.format, self.sink.rows) if pool else None
         if pool is None or header is None:
             return None
-        return partial(_parse_in, pool, header=header)
+        return partial(pool.parse, header=header)
 
     def poll(self) -> PollResult:
         """Fetch everything after the committed cursor once; commit as it is confirmed."""
