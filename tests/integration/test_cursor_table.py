@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 from confluent_kafka import Producer
@@ -105,13 +104,24 @@ def test_an_open_transaction_holds_a_load_back_until_it_ends(
 
         # Once it commits, the waiting load answers with the newer cursor.
         answer: list[int] = []
+        # The case: the load has taken its targets (the high watermarks, past the open
+        # transaction) before the transaction ends.
+        targets_taken = threading.Event()
+        high_watermarks = table._high_watermarks
+
+        def noted_high_watermarks(timeout_s: float) -> dict[int, int]:
+            found = high_watermarks(timeout_s)
+            targets_taken.set()
+            return found
+
+        table._high_watermarks = noted_high_watermarks  # type: ignore[method-assign]
         waiting = threading.Thread(
             target=lambda: answer.append(
                 KafkaCursorStore(kafka_bootstrap, topic, "a", timeout_s=30, table=table).load()
             )
         )
         waiting.start()
-        time.sleep(0.5)  # let the load start waiting before the transaction ends (the case)
+        assert targets_taken.wait(30), "the load never asked for the high watermarks"
         other.commit_transaction()
         waiting.join(60)
         assert answer == [43]
