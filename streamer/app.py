@@ -46,7 +46,7 @@ from streamer.cursor import (
 )
 from streamer.cursor_table import CursorTable
 from streamer.endpoint import Credentials, tls_context
-from streamer.errors import ConfigError, KafkaUnavailableError, TopicError
+from streamer.errors import ConfigError, DeliveryError, KafkaUnavailableError, TopicError
 from streamer.health import HealthServer, KafkaCheck, Readiness
 from streamer.limits import BodyLimits
 from streamer.logs import LIBRDKAFKA, fields
@@ -206,9 +206,7 @@ def _publisher_slot(
     """The producer of a unit of work; exactly-once, also a prober of its own id (sink.py)."""
     probe_factory = None
     if transactional_id is not None:
-        probe_factory = _publisher_factory(
-            settings, None, probe_transactional_id(transactional_id)
-        )
+        probe_factory = _publisher_factory(settings, None, probe_transactional_id(transactional_id))
     return PublisherSlot(
         _publisher_factory(settings, source_metrics, transactional_id), probe_factory
     )
@@ -609,7 +607,14 @@ class Claims:
             f"sftp:{s.name}" for s in self.settings.sftp
         ]
         for owner in owners:
-            holder = lease_holder(k.bootstrap_servers, k.producer, k.cursor_topic, owner)
+            try:
+                holder = lease_holder(k.bootstrap_servers, k.producer, k.cursor_topic, owner)
+            except DeliveryError as exc:
+                # A lease is advice. The usual cause: a run killed mid-checkpoint left its
+                # transaction open on the cursor topic; the feed's own producer fences it
+                # when it starts (same transactional id), so going on is what ends it.
+                log.info("%s: could not read its lease (%s); starting anyway", owner, exc)
+                continue
             if holder is not None:
                 log.warning(
                     "%s may be running elsewhere too (%s): only one cdr-streamer may run a feed%s",
@@ -626,8 +631,6 @@ class Claims:
         if self._lease is not None:
             self._lease.stop()
             self._lease = None
-
-
 
 
 def _sftp_cursor_store(

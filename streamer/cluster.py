@@ -88,9 +88,9 @@ def provision_assignment_topic(
     )  # fmt: skip
     have = _partition_count(admin, topic, timeout_s)
     if have < units:
-        future = admin.create_partitions(
-            [NewPartitions(topic, units)], request_timeout=timeout_s
-        )[topic]
+        future = admin.create_partitions([NewPartitions(topic, units)], request_timeout=timeout_s)[
+            topic
+        ]
         try:
             future.result()
         except KafkaException as exc:
@@ -349,7 +349,8 @@ class Membership:
         self.units = list(units)
         self.client_id = f"{CLIENT_ID_PREFIX}{fingerprint}"
         base: dict[str, str | int | float | bool] = {
-            **dict(client_config), "bootstrap.servers": bootstrap_servers,
+            **dict(client_config),
+            "bootstrap.servers": bootstrap_servers,
         }
         self._admin_config = base
         self._config: dict[str, object] = {

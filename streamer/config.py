@@ -531,9 +531,7 @@ def _kafka_args(
             "replica must read every cursor: remove cursor_store or set it to 'kafka'",
         )
     elif not store:
-        kafka_args["cursor_store"] = (
-            "kafka" if delivery == "exactly_once" or clustered else "file"
-        )
+        kafka_args["cursor_store"] = "kafka" if delivery == "exactly_once" or clustered else "file"
     producer = kafka_args.get("producer", {})
     if not isinstance(producer, Mapping):
         problems.add("kafka.producer", "must be a table of librdkafka settings")
@@ -807,9 +805,7 @@ def _check_sftp_login(args: dict[str, Any], where: str, problems: _Problems) -> 
         )
 
 
-def _check_ftp_login(
-    args: dict[str, Any], where: str, protocol: str, problems: _Problems
-) -> None:
+def _check_ftp_login(args: dict[str, Any], where: str, protocol: str, problems: _Problems) -> None:
     """FTP and FTPS: a password, and (FTPS) how to speak TLS and whom to trust."""
     for key in ("key_file", "key_passphrase", "known_hosts", "trust_unknown_host_key"):
         if args.get(key) not in (None, "", False):
@@ -1014,7 +1010,6 @@ ENV_PREFIX = "CDR_STREAMER_"
 _REGISTRY_KEYS = ("schema_registry_url", "schema_registry_user", "schema_registry_password")
 
 
-
 def _reference(
     ref: object, suffix: str, where: str, env: Mapping[str, str], problems: _Problems
 ) -> str:
@@ -1145,7 +1140,12 @@ def apply_env_overrides(
 _PATH_KEYS = {
     "feeds": ("cursor_file", "password_file"),
     "sftp": (
-        "cursor_file", "password_file", "key_passphrase_file", "key_file", "known_hosts", "ca_file"
+        "cursor_file",
+        "password_file",
+        "key_passphrase_file",
+        "key_file",
+        "known_hosts",
+        "ca_file",
     ),
 }
 

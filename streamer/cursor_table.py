@@ -183,9 +183,9 @@ class CursorTable:
         # Asked as read_uncommitted: a read_committed client is told the last stable offset.
         assert self._probe is not None
         return {
-            p: self._probe.get_watermark_offsets(
-                TopicPartition(self.topic, p), timeout=timeout_s
-            )[1]
+            p: self._probe.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s)[
+                1
+            ]
             for p in self._partitions
         }
 

@@ -353,9 +353,7 @@ class RowEncoder:
                 ts1, ts2, ts3 = _MORE[z & _MASK], _MORE[(z >> 14) & _MASK], _LAST[z >> 28]
             else:
                 ts1, ts2, ts3 = _long(ts), b"", b""
-            seconds_avro, seconds_n = _SECONDS.get(seconds) or _seconds_valued(
-                _SECONDS, seconds
-            )
+            seconds_avro, seconds_n = _SECONDS.get(seconds) or _seconds_valued(_SECONDS, seconds)
             network_avro, network_n = _NETWORK_SECONDS.get(network_seconds) or _seconds_valued(
                 _NETWORK_SECONDS, network_seconds
             )

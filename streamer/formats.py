@@ -839,8 +839,7 @@ def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Reject
                 if not _cut_short(exc, text.buf):
                     # A broken element is one rejection; reading resumes after it.
                     failure = BadResponseError(
-                        f"bad JSON: {exc.msg} at "
-                        f"{_excerpt(text.buf, max(text.pos, exc.pos - 40))}",
+                        f"bad JSON: {exc.msg} at {_excerpt(text.buf, max(text.pos, exc.pos - 40))}",
                         reason="bad_json",
                     )
                     detail = f"{exc.msg} at character {exc.pos - text.pos} of the element"

@@ -198,8 +198,12 @@ class Publisher:
             headers: list[tuple[str, str | bytes | None]] = [(str(k), v) for k, v in raw_headers]
             self._rejected.append(
                 RejectedMessage(
-                    msg.topic() or "", msg.key(), msg.value() or b"", headers,
-                    ts if ts_type else 0, err.str(),
+                    msg.topic() or "",
+                    msg.key(),
+                    msg.value() or b"",
+                    headers,
+                    ts if ts_type else 0,
+                    err.str(),
                 )
             )
         else:
@@ -234,6 +238,7 @@ class Publisher:
             f"({'; '.join(reasons)[:300]})",
             rejected=rejected,
         )
+
     def _error(self, action: str, err: KafkaError) -> Exception:
         """Our error for a librdkafka error."""
         if err.code() == KafkaError._FATAL and self._fatal is None:

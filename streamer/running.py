@@ -32,7 +32,7 @@ from typing import Any
 from confluent_kafka import Producer
 
 from streamer.cursor import _read_latest
-from streamer.errors import ConfigError, DeliveryError
+from streamer.errors import ConfigError
 from streamer.logs import LIBRDKAFKA
 
 log = logging.getLogger(__name__)
@@ -164,11 +164,11 @@ def lease_holder(
     now: float | None = None,
     timeout_s: float = 30.0,
 ) -> str | None:
-    """Who holds a live lease on `owner` (a running streamer), or None."""
-    try:
-        raw = _read_latest(bootstrap_servers, client_config, topic, lease_key(owner), timeout_s)
-    except DeliveryError:
-        raise
+    """Who holds a live lease on `owner` (a running streamer), or None.
+
+    DeliveryError when the cursor topic cannot be read to its end (e.g. a transaction
+    is open on it): the caller decides whether not knowing is fatal."""
+    raw = _read_latest(bootstrap_servers, client_config, topic, lease_key(owner), timeout_s)
     if raw is None:
         return None
     try:

@@ -216,4 +216,3 @@ class SimulatorConfig:
     @property
     def has_late_ids(self) -> bool:
         return bool(self.late_ids.strip()) or self.late_rate > 0
-

@@ -5,7 +5,6 @@ needs: list a directory, read a file in pipelined windows, move or delete it.
 paramiko's errors become ours here (see `SftpServer._error`).
 """
 
-
 from __future__ import annotations
 
 import base64
@@ -307,5 +306,3 @@ class SftpSession:
     def remove(self, path: str) -> None:
         with self._errors(f"delete {path}"):
             self._sftp.remove(path)
-
-

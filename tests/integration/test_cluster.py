@@ -128,9 +128,14 @@ def cluster_config(
 ) -> Path:
     feeds = [
         {
-            "name": f"f{n:02d}", "url": sim.url, "login": sim.config.login,
-            "poll_interval_s": POLL_INTERVAL_S, "poll_jitter_ratio": 0.0,
-            "ids_ascending": True, "backoff_base_s": 0.2, "backoff_max_s": 2,
+            "name": f"f{n:02d}",
+            "url": sim.url,
+            "login": sim.config.login,
+            "poll_interval_s": POLL_INTERVAL_S,
+            "poll_jitter_ratio": 0.0,
+            "ids_ascending": True,
+            "backoff_base_s": 0.2,
+            "backoff_max_s": 2,
         }
         for n, sim in enumerate(sims)
     ]
@@ -236,8 +241,7 @@ def test_three_replicas_share_feeds_fail_over_and_scale_out(
         owner = wait_balanced(replicas, FEEDS // 3)
         # Past the backlog: from here on each poll has the second's new CDRs.
         wait_until(
-            lambda: len(cursors(replicas)) == FEEDS
-            and min(cursors(replicas).values()) >= BACKLOG,
+            lambda: len(cursors(replicas)) == FEEDS and min(cursors(replicas).values()) >= BACKLOG,
             "every feed to publish its backlog",
         )
 
@@ -352,4 +356,3 @@ def test_cluster_refuses_a_file_cursor_store(tmp_path: Path, kafka_bootstrap: st
     assert done.returncode == 1
     assert "kafka.cursor_store: cluster mode" in done.stderr
     assert "set it to 'kafka'" in done.stderr
-

@@ -215,9 +215,7 @@ def test_broker_outage_loses_nothing_and_streamer_carries_on(
         return json.loads(cursor_path.read_text())["cursor"] if cursor_path.exists() else 0
 
     # --bootstrap-servers: this test's own broker even when KAFKA_BOOTSTRAP_SERVERS is set.
-    streamer = StreamerProcess(
-        config, tmp_path / "streamer.log", "--bootstrap-servers", bootstrap
-    )
+    streamer = StreamerProcess(config, tmp_path / "streamer.log", "--bootstrap-servers", bootstrap)
     try:
         streamer.wait_for(lambda: cursor() >= 20_000, "the backlog to be published")
         subprocess.run(

@@ -17,6 +17,7 @@ from typing import Any
 from uuid import uuid4
 from zoneinfo import ZoneInfo
 
+from confluent_kafka import Producer
 from helpers import (
     FEED_PASSWORD,
     REPO_ROOT,
@@ -301,6 +302,43 @@ def test_cursor_command_on_the_kafka_store_fences_in_exactly_once(
         dry = _cursor(config, "reset", "--dry-run")
         assert "would move cursor 120 -> 0" in dry.stdout, dry.stderr
         assert read_cursor_topic(kafka_bootstrap, cursor_topic, name) == 120
+
+
+def test_a_transaction_left_open_by_a_killed_run_does_not_stop_the_next_start(
+    kafka_bootstrap: str, topic_name: str, streamer_config: Callable[..., Path]
+) -> None:
+    """kill -9 between a cursor record and its commit leaves a transaction open on the
+    cursor topic. The next start's lease check cannot read past it; the feed's own
+    producer then fences it (same transactional id), so the start must go on."""
+    cursor_topic = f"{topic_name}-cursors"
+    prefix = f"test-{topic_name}"
+    with BillingFeedSimulator(SimulatorConfig(password=FEED_PASSWORD, backlog=200)) as sim:
+        name = f"eos-{uuid4().hex[:6]}"
+        feed = {"name": name, "url": sim.url, "login": "81234567", "poll_interval_s": 1}
+        config = streamer_config(
+            [feed], delivery="exactly_once", cursor_topic=cursor_topic,
+            transactional_id_prefix=prefix,
+        )  # fmt: skip
+        assert run_streamer("run", "--config", str(config), "--once").returncode == 0
+        assert read_cursor_topic(kafka_bootstrap, cursor_topic, name) == 200
+
+        # What the killed run left: its transactional producer, a cursor record, no commit.
+        killed = Producer(
+            {"bootstrap.servers": kafka_bootstrap, "transactional.id": f"{prefix}-{name}"}
+        )
+        killed.init_transactions(30)
+        killed.begin_transaction()
+        value = json.dumps({"feed": name, "cursor": 9999}).encode()
+        killed.produce(cursor_topic, value, name.encode())
+        assert killed.flush(30) == 0
+        sim.add(15)
+        second = run_streamer("run", "--config", str(config), "--once")
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "Traceback" not in second.stderr
+    assert read_cursor_topic(kafka_bootstrap, cursor_topic, name) == 215
+    ids = Counter(e.value["ID"] for e in read_events(kafka_bootstrap, topic_name))
+    assert set(ids) == set(range(1, 216))
+    assert set(ids.values()) == {1}
 
 
 def test_json_logs_parse_line_by_line_and_hold_no_secret(

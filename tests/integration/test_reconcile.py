@@ -150,8 +150,9 @@ def test_late_cdrs_are_found_across_a_kill_9_in_a_check_and_the_dst_change(
     late_events = [e for e in events if e.value["ID"] in LATE]
     for event in late_events:  # the same event and key as the live poll's would have been
         assert event.key == sim.row(event.value["ID"])["AccountCode"]
-        assert event.value["UTCDateTime"].strftime("%Y-%m-%d %H:%M:%S") == (
-            sim.row(event.value["ID"])["UTCDateTime"]
+        assert (
+            event.value["UTCDateTime"].strftime("%Y-%m-%d %H:%M:%S")
+            == (sim.row(event.value["ID"])["UTCDateTime"])
         )
     duplicated = {i for i, n in ids.items() if n > 1}
     if mode:

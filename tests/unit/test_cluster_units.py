@@ -27,7 +27,8 @@ ENV = {"CDR_FEED_PASSWORD": "pw"}
 
 def settings(cluster: dict[str, object] | None, **kafka: object) -> dict[str, object]:
     data: dict[str, object] = {
-        "kafka": {"bootstrap_servers": "127.0.0.1:9092", **kafka}, "feeds": [FEED]
+        "kafka": {"bootstrap_servers": "127.0.0.1:9092", **kafka},
+        "feeds": [FEED],
     }
     if cluster is not None:
         data["cluster"] = cluster

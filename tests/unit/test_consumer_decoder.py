@@ -89,9 +89,7 @@ def released_with_v2(tmp_path: Path) -> Path:
     return copy
 
 
-def test_a_v1_reader_survives_events_of_v2(
-    snippet: dict[str, Any], released_with_v2: Path
-) -> None:
+def test_a_v1_reader_survives_events_of_v2(snippet: dict[str, Any], released_with_v2: Path) -> None:
     decoder = snippet["CdrDecoder"](released_with_v2, reader=V1)
     for record in sample_records():
         v2_event = write(V2, {**to_avro_dict(record), "Tariff": "Peak"})

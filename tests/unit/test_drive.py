@@ -324,10 +324,14 @@ def test_the_fast_path_publishes_what_typing_and_the_encoder_make_with_their_tal
     assert all(isinstance(r, CallRecord) for r in records)
     events = [m for m in publisher.delivered if m.topic == "events"]
     assert [(m.key, m.value) for m in events] == [
-        (r.account_code.encode(), encoder.encode(r)) for r in records  # type: ignore[union-attr]
+        (r.account_code.encode(), encoder.encode(r))
+        for r in records  # type: ignore[union-attr]
     ]
     assert events[0].headers[:4] == [
-        ("cdr_id", b"1"), ("source", b"feed"), ("feed", b"main"), ("file", b"x.csv")
+        ("cdr_id", b"1"),
+        ("source", b"feed"),
+        ("feed", b"main"),
+        ("file", b"x.csv"),
     ]
     usage = UsageTally()
     for r in records:

@@ -882,7 +882,10 @@ _JSON_VALUES = st.one_of(
     encoding=st.sampled_from(ENCODINGS),
 )
 def test_json_elements_type_the_same_on_the_usual_and_the_careful_way(
-    values: dict[str, object], order: list[str], keep_order: bool, ensure_ascii: bool,
+    values: dict[str, object],
+    order: list[str],
+    keep_order: bool,
+    ensure_ascii: bool,
     encoding: str,
 ) -> None:
     """`_json_row`'s shortcut for the usual element gives what the checked way gives."""
