@@ -38,6 +38,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import select
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -116,6 +120,35 @@ def _encode_block(task: _Task) -> _Result:
     return items, error
 
 
+def _exit_with(pid: int) -> None:
+    """In a worker: exit as soon as the streamer process `pid` has, even by kill -9.
+
+    A worker's parent is the forkserver, and every worker holds the write end of the
+    pool's task queue, so none of them ever sees the streamer go: without this, a
+    killed streamer's workers (and so its forkserver) would live on, idle, for ever.
+    """
+    try:
+        fd = os.pidfd_open(pid)  # Linux 5.3+: readable once the process has exited
+    except ProcessLookupError:
+        os._exit(0)
+    except (AttributeError, OSError):
+        fd = -1  # no pidfd here: look every second instead
+
+    def watch() -> None:
+        if fd >= 0:
+            select.select([fd], [], [])
+        else:
+            while os.getppid() != 1:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-streamer", daemon=True).start()
+
+
 def _sentinel(fmt: str, width: int) -> bytes:
     """A row of `width` cells ``1`` (ID 1 wherever the ID is): clean, unquoted, one line."""
     return (FORMATS[fmt].join(["1"] * width) + "\n").encode("ascii")
@@ -154,7 +187,9 @@ class WorkerPool:
             # forkserver: the workers are forked from a clean server process, never from
             # this one, whose librdkafka threads a fork would leave in an unknown state.
             context = multiprocessing.get_context("forkserver")
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=context)
+            self._executor = ProcessPoolExecutor(
+                self.workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),)
+            )
         return self._executor
 
     def pids(self) -> list[int]:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -108,6 +109,38 @@ def test_a_worker_killed_mid_poll_fails_the_poll_and_loses_nothing(
     unaccounted = malformed - set(ids) - {d["id"] for d in dead}
     assert len(unaccounted) <= sum(1 for d in dead if d["id"] is None)
     assert dead
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_killed_streamer_leaves_no_worker_behind(
+    tmp_path: Path,
+    simulator: Callable[..., BillingFeedSimulator],
+    streamer_config: Callable[..., Path],
+) -> None:
+    """kill -9 of the streamer: its workers and their forkserver exit by themselves."""
+    sim = simulator(backlog=CDRS, seed=6)
+    feed = {"name": "main", "url": sim.url, "login": "81234567", "poll_interval_s": 1,
+            "cursor_file": str(tmp_path / "cursor.json")}  # fmt: skip
+    feed["workers"] = 2
+    config = streamer_config([feed])
+    proc = StreamerProcess(config, tmp_path / "run.log")
+    try:
+        proc.wait_for(lambda: len(_workers(proc.proc.pid)) == 2, "two worker processes")
+        helpers = _children(proc.proc.pid) + _workers(proc.proc.pid)  # + the forkserver
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in helpers):
+        assert time.monotonic() < deadline, f"still running: {[p for p in helpers if _alive(p)]}"
+        time.sleep(0.1)  # the polling interval of the condition above
 
 
 def _read_dlq(bootstrap: str, topic: str) -> list[object]:
