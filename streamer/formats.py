@@ -633,7 +633,18 @@ class _JsonText:
                 return None
 
     def excerpt(self, before: int = 0) -> str:
-        """The text from `before` characters ahead of `pos`, for a message."""
+        """The text from `before` characters ahead of `pos`, for a message.
+
+        Enough of the body is read for a whole excerpt first, so that a message never
+        depends on where the chunks happened to end.
+        """
+        while len(self.buf) - self.pos <= _EXCERPT_CHARS and not self.eof:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self.eof = True
+                self.buf += self._decode(b"", True)
+            else:
+                self.buf += self._decode(chunk)
         return _excerpt(self.buf, max(0, self.pos - before))
 
     def skip(self) -> tuple[str, int] | None:
@@ -802,7 +813,11 @@ def _skipped(text: _JsonText, reason: str, detail: str, encoding: str) -> Reject
     return _rejection(reason, detail, head, _json_id(head), encoding, raw_chars)
 
 
-def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Rejection]:
+def _parse_json(
+    chunks: Iterable[bytes], encoding: str, *, continued: bool = False
+) -> Iterator[Row | Rejection]:
+    """`continued`: the array's first element is not the body's (streamer/workers.py
+    parses a block of a body as ``[`` + its elements): no `not_feed` check for it."""
     text = _JsonText(chunks, encoding)
     scan = _SCAN
     first = text.next_char()
@@ -821,7 +836,7 @@ def _parse_json(chunks: Iterable[bytes], encoding: str) -> Iterator[Row | Reject
     char = text.next_char()
     if char == "]":
         text.pos += 1
-    first_element = True
+    first_element = not continued
     while char != "]":
         if char is None:
             raise BadResponseError(
