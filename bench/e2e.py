@@ -71,8 +71,8 @@ def _env_tuple(name: str, default: str) -> tuple[str, ...]:
 SIZES = tuple(int(n) for n in _env_tuple("CDR_BENCH_SIZES", "100000,1000000"))
 FORMATS = _env_tuple("CDR_BENCH_FORMATS", "csv,json")
 MODES = ("at_least_once", "exactly_once")
-# Worker processes per streamer (issue 14, item 2; the feed's `workers`): 0 is parsing
-# in the streamer's own process. json bodies always parse in-process.
+# Worker processes per streamer (issue 14, item 2; `[processing] workers`): 0 is parsing
+# in the streamer's own process.
 WORKERS = tuple(int(n) for n in _env_tuple("CDR_BENCH_WORKERS", "0,2"))
 RUNS = int(os.environ.get("CDR_BENCH_RUNS", "3"))
 BASELINE = os.environ.get("CDR_BENCH_BASELINE", "")  # a git revision to compare with, or none
@@ -200,12 +200,14 @@ def serve_ceiling(url: str, fmt: str, fromid: int, rows: int) -> ServerCeiling:
 
 
 def _config(
-    tmp: Path, bootstrap: str, url: str, fmt: str, mode: str, workers: int, first_id: int
+    tmp: Path, bootstrap: str, url: str, fmt: str, mode: str, workers: int | None, first_id: int
 ) -> Path:
+    """`workers` None: no [processing] section (a baseline tree may not know it)."""
     tag = uuid.uuid4().hex[:8]
     path = tmp / f"streamer-{tag}.toml"
+    processing = "" if workers is None else f"[processing]\nworkers = {workers}\n"
     path.write_text(
-        f"""
+        f"""{processing}
 [kafka]
 bootstrap_servers = "{bootstrap}"
 topic = "cdr-bench-{tag}"
@@ -227,7 +229,6 @@ ids_ascending = true
 cursor_file = "{tmp / f"cursor-{tag}.json"}"
 initial_cursor = {first_id}
 read_timeout_s = 300
-workers = {workers}
 """
     )
     return path
@@ -256,7 +257,7 @@ def run_streamer(
     *,
     fmt: str,
     mode: str,
-    workers: int,
+    workers: int | None,
     backlog: int,
     n: int,
     code: Path = REPO_ROOT,
@@ -627,12 +628,12 @@ def run() -> str:
                             for mode in MODES:
                                 if (fmt, mode) not in before_startup:
                                     before_startup[fmt, mode], _ = run_streamer(
-                                        tmp, bootstrap, url, fmt=fmt, mode=mode, workers=0,
+                                        tmp, bootstrap, url, fmt=fmt, mode=mode, workers=None,
                                         backlog=backlog, n=0, code=baseline,
                                     )  # fmt: skip
                                 before[fmt, mode, n] = [
                                     run_streamer(
-                                        tmp, bootstrap, url, fmt=fmt, mode=mode, workers=0,
+                                        tmp, bootstrap, url, fmt=fmt, mode=mode, workers=None,
                                         backlog=backlog, n=n, code=baseline,
                                     )[0]
                                     for _ in range(RUNS)

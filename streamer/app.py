@@ -71,6 +71,7 @@ from streamer.sources.ftp import FtpServer
 from streamer.sources.sftp import SftpServer
 from streamer.startup import StartingCursorStore, recover_cursor, resolve_start, wait_for_kafka
 from streamer.status import StatusBoard
+from streamer.workers import WorkerPool
 
 log = logging.getLogger("streamer")
 
@@ -258,6 +259,7 @@ def _build_pipeline(
     reconcile: bool = False,
     abort_on_stop: bool = False,
     table: CursorTable | None = None,
+    pool: WorkerPool | None = None,
 ) -> FeedPipeline:
     """`cursor_store` None: the feed's own store, deciding a first cursor if it has none."""
     feed_metrics = metrics.for_feed(feed.name, poll_interval_s=feed.poll_interval_s)
@@ -285,7 +287,7 @@ def _build_pipeline(
         timezone=feed.timezone,
         headers=headers,
         stop=stop if abort_on_stop else None,
-        workers=feed.workers,
+        pool=pool,
     )
     if reconcile and feed.reconcile:
         pipeline.reconciler = Reconciler(
@@ -330,6 +332,7 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
     claims.claim_files()  # a second instance on the same cursor files stops here
     health: HealthServer | None = None
     table: CursorTable | None = None
+    pool = _worker_pool(settings)
     try:
         if settings.metrics.port:
             health = _start_health_server(settings, metrics, board)
@@ -348,7 +351,7 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
         # One reader of the cursor topic for the whole process (streamer/cursor_table.py).
         if k.cursor_store == "kafka":
             table = CursorTable(k.bootstrap_servers, k.cursor_topic, k.producer)
-        specs = _unit_specs(settings, metrics, sftp_metrics, limits=limits, table=table)
+        specs = _unit_specs(settings, metrics, sftp_metrics, limits=limits, table=table, pool=pool)
         if settings.cluster.enabled:
             board.attach([])  # started: units appear on the board as they are assigned
             specs = [_on_board(spec, board) for spec in specs]
@@ -358,11 +361,19 @@ def run(settings: Settings, stop: threading.Event, *, once: bool) -> list[Runner
         board.attach([member for unit in units for member in unit.runners])
         return _run_units(units, stop, once=once)
     finally:
+        if pool is not None:
+            pool.close()
         if table is not None:
             table.close()
         claims.release()
         if health is not None:
             health.stop()
+
+
+def _worker_pool(settings: Settings) -> WorkerPool | None:
+    """The process's one pool of worker processes (they start when first needed)."""
+    count = settings.processing.worker_count
+    return WorkerPool(count) if count else None
 
 
 def _warn_of_feed_settings(settings: Settings) -> None:
@@ -422,6 +433,7 @@ def _unit_specs(
     *,
     limits: TimestampLimits,
     table: CursorTable | None,
+    pool: WorkerPool | None = None,
 ) -> list[cluster.UnitSpec]:
     """Each unit of work as a recipe: built once (single process) or at each assignment."""
     clustered = settings.cluster.enabled
@@ -431,7 +443,7 @@ def _unit_specs(
         source = paired.get(feed.name) if sftp_metrics is not None else None
         build = partial(
             _feed_unit, settings, feed, source, metrics, sftp_metrics,
-            limits=limits, table=table, abort_on_stop=clustered,
+            limits=limits, table=table, abort_on_stop=clustered, pool=pool,
         )  # fmt: skip
         series = (feed.name,) if source is None else (feed.name, source.name)
         specs.append(cluster.UnitSpec(f"feed-{feed.name}", build, series))
@@ -439,7 +451,7 @@ def _unit_specs(
         if not source.pairs_with_feed and sftp_metrics is not None:
             build = partial(
                 _sftp_unit, settings, source, metrics, sftp_metrics,
-                limits=limits, table=table, abort_on_stop=clustered,
+                limits=limits, table=table, abort_on_stop=clustered, pool=pool,
             )  # fmt: skip
             specs.append(cluster.UnitSpec(f"sftp-{source.name}", build, (source.name,)))
     return specs
@@ -456,6 +468,7 @@ def _feed_unit(
     limits: TimestampLimits,
     table: CursorTable | None,
     abort_on_stop: bool,
+    pool: WorkerPool | None = None,
 ) -> list[Runner]:
     """A feed and the file source paired with it: they take turns in one thread."""
     pipeline = _build_pipeline(
@@ -472,6 +485,7 @@ def _feed_unit(
         reconcile=True,
         abort_on_stop=abort_on_stop,
         table=table,
+        pool=pool,
     )
     runner = FeedRunner(
         pipeline,
@@ -496,7 +510,7 @@ def _feed_unit(
         collector = _build_sftp(
             settings, source, metrics, sftp_metrics, stop, limits=limits,
             slot=pipeline.slot, feed_cursor=pipeline.cursor_store.load, table=table,
-            abort_on_stop=abort_on_stop,
+            abort_on_stop=abort_on_stop, pool=pool,
         )  # fmt: skip
         pipeline.covered_by = collector.published_ids
         group.append(_sftp_runner(collector, source))
@@ -513,11 +527,12 @@ def _sftp_unit(
     limits: TimestampLimits,
     table: CursorTable | None,
     abort_on_stop: bool,
+    pool: WorkerPool | None = None,
 ) -> list[Runner]:
     """A file source (SFTP, FTP or FTPS) on its own."""
     collector = _build_sftp(
         settings, source, metrics, sftp_metrics, stop, limits=limits, table=table,
-        abort_on_stop=abort_on_stop,
+        abort_on_stop=abort_on_stop, pool=pool,
     )  # fmt: skip
     return [_sftp_runner(collector, source)]
 
@@ -657,6 +672,7 @@ def _build_sftp(
     feed_cursor: Callable[[], int] | None = None,
     table: CursorTable | None = None,
     abort_on_stop: bool = False,
+    pool: WorkerPool | None = None,
 ) -> FileCollector:
     """One SFTP source; paired, it shares its feed's producer (`slot`) and reads its cursor."""
     k = settings.kafka
@@ -707,6 +723,7 @@ def _build_sftp(
         stop=stop,
         abort_on_stop=abort_on_stop,
         max_file_bytes=source.max_file_bytes,
+        pool=pool,
     )
 
 
@@ -828,6 +845,7 @@ def backfill(
     if limits is None:
         raise KeyboardInterrupt  # stopped while waiting for Kafka: nothing was done
     metrics = Metrics(CollectorRegistry())
+    pool = _worker_pool(settings)
     window = f"{day}" + (f"T{hour:02d}" if hour is not None else "")
     # The live cursor is neither read nor moved: the backfill keeps its own in memory.
     pipeline = _build_pipeline(
@@ -847,6 +865,7 @@ def backfill(
         exactly_once=False,  # a backfill re-publishes on purpose; it has no cursor to protect
         limits=limits,
         headers=[("replay", f"backfill:{window}".encode())],
+        pool=pool,
     )
     runner = BackfillRunner(
         pipeline,
@@ -864,6 +883,8 @@ def backfill(
         runner.run(stop, once=True)
     finally:
         pipeline.close()
+        if pool is not None:
+            pool.close()
     log.info(
         "backfill of feed %s for %s done: %d rows, %d published, %d dead letters%s",
         feed.name, runner.window, runner.rows, runner.published, runner.dead_lettered,

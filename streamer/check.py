@@ -66,7 +66,8 @@ def render(settings: Settings, source: str) -> str:
     lines = [
         f"# {source}: valid (feeds: {len(settings.feeds)}, SFTP sources: {len(settings.sftp)})",
         f"# (environment overrides: {ENV_PREFIX}KAFKA_<SETTING>, {ENV_PREFIX}METRICS_<SETTING>,",
-        f"#  {ENV_PREFIX}KAFKA_PRODUCER_<NAME>; secrets are shown as {MASK})",
+        f"#  {ENV_PREFIX}PROCESSING_<SETTING>, {ENV_PREFIX}KAFKA_PRODUCER_<NAME>; secrets are",
+        f"#  shown as {MASK})",
         "",
         "[kafka]",
         *_table(k, skip=("producer", "producer_secrets")),
@@ -77,6 +78,11 @@ def render(settings: Settings, source: str) -> str:
         shown = f'"{MASK}"' if name in k.producer_secrets else json.dumps(value)
         lines.append(f"{json.dumps(name)} = {shown}")
     lines += ["", "[metrics]", *_table(settings.metrics)]
+    processing = settings.processing
+    lines += ["", "[processing]", *_table(processing)]
+    lines[-1] += f"  # {processing.worker_count} on this machine"
+    if settings.cluster.enabled:
+        lines += ["", "[cluster]", *_table(settings.cluster)]
     for feed in settings.feeds:
         lines += ["", "[[feeds]]", *_table(feed, skip=("initial_cursor",))]
     for sftp in settings.sftp:

@@ -163,8 +163,6 @@ class FeedSettings:
     # (certifi's; or SSL_CERT_FILE / SSL_CERT_DIR). Verification cannot be turned off.
     ca_file: str = ""
     # Worker processes that parse, type and encode the body's rows (csv, txt, pipe);
-    # 0: all in the feed's own thread. See streamer/workers.py.
-    workers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +309,29 @@ class ClusterSettings:
         return self.assignment_topic or f"{self.group_id}-assignment"
 
 
+MAX_WORKERS = 64
+
+
+def default_workers() -> int:
+    """`[processing] workers = "auto"`: 2 where this process may use 2 or more cores, else 0."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 2 if (cores or 1) >= 2 else 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessingSettings:
+    """[processing]: how this process spends its cores (streamer/workers.py)."""
+
+    # Worker processes that parse, type and encode csv/txt/pipe bodies and files of more
+    # than one block, shared by every feed and source; 0: all in the feeds' threads.
+    # "auto": 2 on a machine with 2 or more cores, else 0.
+    workers: int | str = "auto"
+
+    @property
+    def worker_count(self) -> int:
+        return default_workers() if self.workers == "auto" else int(self.workers)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything `cdr-streamer run` needs, checked before anything starts."""
@@ -320,6 +341,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     sftp: tuple[SftpSettings, ...] = ()
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    processing: ProcessingSettings = field(default_factory=ProcessingSettings)
 
 
 # librdkafka settings whose values are secrets (sasl.password, ssl.key.password,
@@ -440,8 +462,10 @@ def parse_settings(
     if base_dir is not None:
         data = _resolve_paths(data, base_dir)
     for key in data:
-        if key not in {"kafka", "feeds", "metrics", "sftp", "cluster"}:
-            problems.add(key, "unknown section (known: kafka, feeds, sftp, metrics, cluster)")
+        if key not in {"kafka", "feeds", "metrics", "sftp", "cluster", "processing"}:
+            problems.add(
+                key, "unknown section (known: kafka, feeds, sftp, metrics, cluster, processing)"
+            )
     cluster_args = _take(data.get("cluster", {}), ClusterSettings, "cluster", problems, set())
 
     servers, kafka_args = _kafka_args(data, env, bootstrap_servers, problems)
@@ -454,7 +478,15 @@ def parse_settings(
     feed_tables: dict[str, dict[str, Any]] = {}
     for i, table in enumerate(tables):
         where = f"feeds[{i}]"
-        args = _take(table, FeedSettings, where, problems, _PASSWORD_KEYS | {"start_from"})
+        args = _take(
+            table, FeedSettings, where, problems, _PASSWORD_KEYS | {"start_from", "workers"}
+        )
+        if "workers" in table:
+            problems.add(
+                f"{where}.workers",
+                "moved to [processing] workers: one pool of worker processes serves every "
+                "feed and file source",
+            )
         name = str(args.get("name", ""))
         where = f"feeds[{name or i}]"
         for required in ("name", "url", "login"):
@@ -481,6 +513,7 @@ def parse_settings(
     _check_unique_ids(kafka_args, feeds, sftp, problems)
     if "cluster" in data:
         _check_cluster(cluster_args, problems)
+    processing_args = _processing(data.get("processing", {}), problems)
     problems.raise_if_any(source)
     return Settings(
         kafka=KafkaSettings(bootstrap_servers=str(servers), **kafka_args),
@@ -488,6 +521,7 @@ def parse_settings(
         metrics=MetricsSettings(**metrics_args),
         sftp=tuple(sftp),
         cluster=ClusterSettings(**cluster_args),
+        processing=ProcessingSettings(**processing_args),
     )
 
 
@@ -642,6 +676,27 @@ def _report_shared(
                 f"its {what} {value!r} is also the {other_what} of {other} (both come "
                 f"from {origin}): they {outcome}; rename one of them",
             )
+
+
+def _processing(table: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
+    """[processing]: `workers` is "auto" or a whole number 0 to MAX_WORKERS."""
+    args = _take(table, ProcessingSettings, "processing", problems, {"workers"})
+    if "workers" not in table:
+        return args
+    value = table["workers"]
+    if isinstance(value, str) and value.strip().isdigit():  # from the environment
+        value = int(value)
+    if value == "auto" or (
+        isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_WORKERS
+    ):
+        args["workers"] = value
+    else:
+        problems.add(
+            "processing.workers",
+            f'must be "auto" or a whole number 0 to {MAX_WORKERS} (0: all in-process), '
+            f"not {value!r}",
+        )
+    return args
 
 
 def _check_cluster(args: Mapping[str, Any], problems: _Problems) -> None:
@@ -962,8 +1017,6 @@ def _check_feed(args: dict[str, Any], where: str, problems: _Problems) -> None:
         problems.add(f"{where}.reconcile_checks", f"must be 1 to 24, not {checks}")
     if args.get("reconcile_clock", "wall") not in ("wall", "feed"):
         problems.add(f"{where}.reconcile_clock", "must be 'wall' or 'feed'")
-    if int(args.get("workers", 0)) > 64:
-        problems.add(f"{where}.workers", "must be at most 64 (0: parse in-process)")
     zone = str(args.get("timezone", "Pacific/Auckland"))
     try:
         ZoneInfo(zone)
@@ -1095,12 +1148,14 @@ def apply_env_overrides(
 ) -> dict[str, Any]:
     """The file's settings with CDR_STREAMER_<SECTION>_<SETTING> variables applied over them.
 
-    `CDR_STREAMER_KAFKA_TOPIC`, `CDR_STREAMER_METRICS_PORT`, ... set any [kafka] or
-    [metrics] setting; `CDR_STREAMER_KAFKA_PRODUCER_SASL_MECHANISM` sets
+    `CDR_STREAMER_KAFKA_TOPIC`, `CDR_STREAMER_METRICS_PORT`, ... set any [kafka],
+    [metrics] or [processing] setting; `CDR_STREAMER_KAFKA_PRODUCER_SASL_MECHANISM` sets
     [kafka.producer] "sasl.mechanism" (`__` stands for an underscore in a name).
     """
     out: dict[str, Any] = dict(data)
-    sections: dict[str, type[Any]] = {"KAFKA": KafkaSettings, "METRICS": MetricsSettings}
+    sections: dict[str, type[Any]] = {
+        "KAFKA": KafkaSettings, "METRICS": MetricsSettings, "PROCESSING": ProcessingSettings,
+    }  # fmt: skip
     for variable in sorted(env):
         if not variable.startswith(ENV_PREFIX):
             continue
@@ -1126,8 +1181,8 @@ def apply_env_overrides(
         if not settable:
             problems.add(
                 variable,
-                f"not a setting: use {ENV_PREFIX}KAFKA_<SETTING>, {ENV_PREFIX}METRICS_<SETTING> "
-                f"or {ENV_PREFIX}KAFKA_PRODUCER_<NAME>",
+                f"not a setting: use {ENV_PREFIX}KAFKA_<SETTING>, {ENV_PREFIX}METRICS_<SETTING>, "
+                f"{ENV_PREFIX}PROCESSING_<SETTING> or {ENV_PREFIX}KAFKA_PRODUCER_<NAME>",
             )
             continue
         table = dict(out.get(section.lower(), {}))

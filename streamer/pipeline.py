@@ -58,10 +58,10 @@ from streamer.errors import (
 from streamer.events import Event
 from streamer.metrics import FeedMetrics
 from streamer.publisher import Publisher, TimestampLimits
-from streamer.records import Rejection, Row, parse_date
+from streamer.records import Rejection, Row
 from streamer.sink import Batch, Encoder, EventSink, PublisherSlot
-from streamer.sources.feed import BodyParser, FeedClient
-from streamer.workers import Encoded, WorkerPool
+from streamer.sources.feed import FeedClient
+from streamer.workers import BodyParser, Encoded, WorkerPool
 
 if TYPE_CHECKING:  # reconcile.py builds on this module's Drive
     from streamer.reconcile import Notes, PublishedRecord, Reconciler
@@ -195,10 +195,12 @@ class Drive:
             else:
                 item = row
             cdr_id = item.cdr_id
-            if self.track_days and isinstance(item, Event) and isinstance(row, Row):
-                day = parse_date(row.values["Date"])  # typed already: it parses
-                if self.first_day is None or day < self.first_day:
-                    self.first_day = day
+            if (
+                self.track_days
+                and isinstance(item, Event)
+                and (self.first_day is None or item.day < self.first_day)
+            ):
+                self.first_day = item.day
             skip = position.admit(cdr_id, row.raw)
             if skip is not None:
                 tally.skipped[skip] += 1
@@ -470,7 +472,7 @@ class FeedPipeline:
         timezone: str = "Pacific/Auckland",
         headers: Sequence[tuple[str, str | bytes | None]] = (),
         stop: threading.Event | None = None,
-        workers: int = 0,
+        pool: WorkerPool | None = None,
     ) -> None:
         if exactly_once and not is_transactional_store(cursor_store):
             raise TypeError("exactly-once needs a cursor store that can join a transaction")
@@ -494,8 +496,9 @@ class FeedPipeline:
         self.covered_by = covered_by
         self.headers = headers  # more headers on every event (a backfill's `replay`)
         self.stop = stop  # set: a poll stops at its next row (Drive.stop)
-        # Worker processes for parse -> type -> encode (streamer/workers.py); None: in-process.
-        self.pool = WorkerPool(workers) if workers else None
+        # The process's worker processes for parse -> type -> encode (streamer/workers.py;
+        # shared, closed by its owner); None: in-process.
+        self.pool = pool
         self.last_cursor: int | None = None  # the last committed; for log lines only
         self.timezone = ZoneInfo(timezone)
         self._first_day: date | None = None  # of the rows seen before the last break
@@ -524,18 +527,12 @@ class FeedPipeline:
         return self.slot.get()
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
         self.slot.close()
         self.client.close()
 
     def _parser(self) -> BodyParser | None:
         """The workers' parser for this feed's bodies, when they can take them."""
-        pool = self.pool
-        header = pool.accepts(self.client.query.format, self.sink.rows) if pool else None
-        if pool is None or header is None:
-            return None
-        return partial(pool.parse, header=header)
+        return self.pool.parser(self.client.query.format, self.sink.rows) if self.pool else None
 
     def poll(self) -> PollResult:
         """Fetch everything after the committed cursor once; commit as it is confirmed."""
@@ -677,8 +674,7 @@ class FeedPipeline:
             stop=self.stop,
         )  # fmt: skip
         drive.track_days = self._same_failures > 0  # a break may recur: note where it starts
-        # The workers give no rows' dates to track: after a break, the poll stays in-process.
-        parse = None if drive.track_days else self._parser()
+        parse = self._parser()
         try:
             # Step 2: fetch; the rows arrive parsed (and, from the workers, typed and
             # encoded) as the body streams in.

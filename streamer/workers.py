@@ -7,6 +7,13 @@ they are). The main process only splits the streamed body into record-aligned bl
 (`BLOCK_BYTES`, split at a line end) and sends them to the workers, at most
 `IN_FLIGHT_PER_WORKER` blocks per worker at a time, so memory stays flat; ordering,
 dead letters, checkpoints and the cursor stay with the caller (`pipeline.Drive`).
+A body no longer than one block is parsed in-process: for a poll's few rows the round
+trip costs more than it saves, and an idle streamer starts no worker at all.
+
+One pool serves every feed and file source of the process (`app.run` makes it, from
+`[processing] workers`): it is thread-safe, and the workers start on first use. A
+worker that dies fails every poll waiting on the pool at that moment, each retried
+from its committed cursor.
 
 Why a block gives exactly what the whole body gives (`_encode_block`):
 
@@ -22,37 +29,50 @@ Why a block gives exactly what the whole body gives (`_encode_block`):
   results are used for starts between records.
 * The last block ends where the body ends: its truncation checks are the body's.
 
-JSON bodies, a first line that is blank, too long or unreadable, a line longer than
+A JSON body (a ``[`` first) is cut where the parser itself resynchronises after a
+broken element: a ``}``, a comma, then the ``{`` the next block starts with (the
+parser's `_JSON_BOUNDARY`). Each block after the first is parsed as ``[`` + its
+elements (with no `not_feed` check of its first element, which is not the body's),
+and each block but the last with a sentinel element and ``]`` after it. A cut inside
+an element always shows: in a string, the sentinel's first key right after it breaks
+the element, which is skipped to the next boundary, the cut (so the block's last
+record is a `bad_json_element`, and a block that ends in a skipped record is never
+used); between objects nested in a field, the sentinel's ``]`` closes the nested
+array instead of the body's and the block is truncated. Either way the rest goes
+in-process, as above.
+
+A first line that is blank, too long or unreadable, a line (JSON element) longer than
 `MAX_PENDING_BYTES`, and encoders other than `events.RowEncoder` take the in-process
 path. The pool starts with the ``forkserver`` method: librdkafka's threads are never
 forked. A worker that dies or does not answer within `BLOCK_TIMEOUT_S` fails the poll
 (`WorkerError`, retriable: the cursor stays where it is) and the pool is rebuilt on
-the next poll that uses it. After any failed poll the feed polls in-process until a
-poll succeeds: the catch-up by date windows needs the rows' dates, which the workers
-do not send back. Mid-body connection errors come after the rows of the blocks
-already handled, without those still in the workers: fewer rows are kept before the
-break than in-process, never a row that was not confirmed.
+the next poll that uses it. Mid-body connection errors come after the rows of the
+blocks already handled, without those still in the workers: fewer rows are kept
+before the break than in-process, never a row that was not confirmed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
+import re
 import select
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from itertools import chain, islice
 from typing import NamedTuple
 
 from streamer.errors import BadResponseError, RetriableError
 from streamer.events import Event, RowEncoder
-from streamer.formats import _BODY_CODECS, FORMATS, _cells_of, parse_rows
+from streamer.formats import _BODY_CODECS, FORMATS, _cells_of, _parse_json, parse_rows
 from streamer.records import FIELDS, Rejection, Row
 
 log = logging.getLogger(__name__)
@@ -75,6 +95,10 @@ class Encoded(NamedTuple):
     raw: str
 
 
+# Chunks, format, encoding -> rows: `formats.parse_rows`, or a `WorkerPool`'s.
+BodyParser = Callable[[Iterable[bytes], str, str], Iterator[Row | Rejection | Encoded]]
+
+
 class _Task(NamedTuple):
     prefix: bytes  # the body's first line (b"" for the first block)
     drop: int  # outputs of `prefix` to drop: 1 when it is a row, 0 for a header
@@ -91,6 +115,29 @@ _Result = tuple[list[Encoded | Rejection], tuple[str, str] | None] | None
 
 _encoders: dict[bytes, RowEncoder] = {}  # per worker process, by framing
 
+# Where a JSON block may end: after "}," and whitespace, before the next element's "{"
+# (formats._JSON_BOUNDARY, where the parser resumes after a broken element).
+_JSON_CUT = re.compile(rb"\}[ \t\n\r]*,[ \t\n\r]*(?=\{)")
+_JSON_SENTINEL = json.dumps(dict.fromkeys(FIELDS, "1"), separators=(",", ":"))
+
+
+_RESYNCED = frozenset({"unclosed_quote", "bad_json_element", "row_too_long"})
+
+
+def _rows_of(
+    parts: Iterable[bytes], fmt: str, encoding: str, *, continued: bool
+) -> Iterator[Row | Rejection]:
+    """`formats.parse_rows`; `continued`: `parts` are a later block behind its prefix."""
+    if fmt == "json":
+        return _parse_json(parts, encoding, continued=continued)
+    return parse_rows(parts, fmt, encoding)
+
+
+def _sentinel_raw(fmt: str, sentinel: bytes) -> str:
+    """The raw text of the row the sentinel must come out as."""
+    text = sentinel.decode("ascii")
+    return text[:-1] if fmt == "json" else text.rstrip("\n")  # json: the "]" after it
+
 
 def _encode_block(task: _Task) -> _Result:
     """In a worker: parse, type and encode one block (see the module docstring)."""
@@ -101,17 +148,20 @@ def _encode_block(task: _Task) -> _Result:
     rows: list[Row | Rejection] = []
     error: tuple[str, str] | None = None
     try:
-        rows.extend(parse_rows(parts, task.fmt, task.encoding))
+        rows.extend(_rows_of(parts, task.fmt, task.encoding, continued=bool(task.prefix)))
     except BadResponseError as exc:
         if task.sentinel:
             return None
         error = (str(exc), exc.reason)
     if task.sentinel:
-        sentinel = task.sentinel.decode("ascii").rstrip("\n")
+        sentinel = _sentinel_raw(task.fmt, task.sentinel)
         if len(rows) <= task.drop or not isinstance(rows[-1], Row) or rows[-1].raw != sentinel:
             return None
         rows.pop()
-        if rows and isinstance(rows[-1], Rejection) and rows[-1].reason == "unclosed_quote":
+        # The record before the sentinel was resynchronised on what follows it (csv: the
+        # next line; json: the next boundary, which may be the cut itself when it lay in
+        # that element's string): only the whole body says where it really ends.
+        if rows and isinstance(rows[-1], Rejection) and rows[-1].reason in _RESYNCED:
             return None
     del rows[: task.drop]
     items: list[Encoded | Rejection] = [
@@ -165,6 +215,20 @@ def _line_end(buf: bytes | bytearray, start: int) -> int:
     return cr + 2 if buf[cr + 1 : cr + 2] == b"\n" else cr + 1
 
 
+def _last_element_start(buf: bytearray, start: int) -> int:
+    """The index of the last JSON element start after a boundary (`_JSON_CUT`) at or
+    after `start`; -1 if none. The last 64 KiB first: a block's end is almost always there.
+    """
+    tail = max(start, len(buf) - (1 << 16))
+    for begin in (tail, start) if tail > start else (start,):
+        found = -1
+        for match in _JSON_CUT.finditer(buf, begin):
+            found = match.end()
+        if found >= 0:
+            return found
+    return -1
+
+
 def _last_line_end(buf: bytearray, start: int) -> int:
     """The index after the last line end at or after `start` (not a CR last); -1 if none."""
     lf = buf.rfind(b"\n", start)
@@ -174,23 +238,34 @@ def _last_line_end(buf: bytearray, start: int) -> int:
 
 
 class WorkerPool:
-    """`workers` processes that parse, type and encode blocks of delimited feed bodies."""
+    """`workers` processes that parse, type and encode blocks of delimited bodies.
+
+    Shared by every feed and file source of the process: any thread may call `parse`.
+    """
 
     def __init__(self, workers: int) -> None:
         if workers < 1:
             raise ValueError("a WorkerPool needs at least one worker")
         self.workers = workers
         self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     def _pool(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            # forkserver: the workers are forked from a clean server process, never from
-            # this one, whose librdkafka threads a fork would leave in an unknown state.
-            context = multiprocessing.get_context("forkserver")
-            self._executor = ProcessPoolExecutor(
-                self.workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),)
-            )
-        return self._executor
+        with self._lock:
+            if self._executor is None:
+                # forkserver: the workers are forked from a clean server process, never
+                # from this one, whose librdkafka threads a fork would leave in an
+                # unknown state.
+                context = multiprocessing.get_context("forkserver")
+                self._executor = ProcessPoolExecutor(
+                    self.workers, mp_context=context,
+                    initializer=_exit_with, initargs=(os.getpid(),),
+                )  # fmt: skip
+                log.info(
+                    "starting %d worker processes to parse, type and encode large bodies",
+                    self.workers,
+                )
+            return self._executor
 
     def pids(self) -> list[int]:
         """The worker processes' IDs (started on first use; tests and benchmarks)."""
@@ -200,9 +275,16 @@ class WorkerPool:
         processes = getattr(executor, "_processes", None) or {}
         return [p.pid for p in processes.values() if p.pid is not None]
 
-    def close(self) -> None:
-        """Stop the workers (killed: a hung one would never finish its block)."""
-        executor, self._executor = self._executor, None
+    def close(self, executor: ProcessPoolExecutor | None = None) -> None:
+        """Stop the workers (killed: a hung one would never finish its block).
+
+        `executor`: only if it is still the current one (another thread, failing on
+        the same dead worker, may have closed it and started the next already).
+        """
+        with self._lock:
+            if executor is not None and executor is not self._executor:
+                return
+            executor, self._executor = self._executor, None
         if executor is None:
             return
         for process in list((getattr(executor, "_processes", None) or {}).values()):
@@ -210,14 +292,16 @@ class WorkerPool:
                 process.kill()
         executor.shutdown(wait=True, cancel_futures=True)
 
-    def accepts(self, fmt: str, encoder: object) -> bytes | None:
-        """The framing to encode with, if this format and encoder can go to the workers."""
-        if fmt not in FORMATS or fmt == "json":
+    def parser(self, fmt: str, encoder: object) -> BodyParser | None:
+        """This pool's `parse` for bodies of `fmt` typed by `encoder`, if it can take them."""
+        if fmt not in FORMATS and fmt != "json":
             return None
-        if isinstance(encoder, RowEncoder):
-            return encoder.header
-        header = getattr(encoder, "header", None)  # events._RegistryRows, once settled
-        return header if isinstance(header, bytes) and header[:1] == b"\0" else None
+        header = getattr(encoder, "header", None)
+        if not isinstance(header, bytes):
+            return None
+        if not isinstance(encoder, RowEncoder) and header[:1] != b"\0":
+            return None  # only events._RegistryRows once settled, with the registry's framing
+        return partial(self.parse, header=header)
 
     def parse(
         self, chunks: Iterable[bytes], fmt: str, encoding: str, header: bytes
@@ -225,12 +309,24 @@ class WorkerPool:
         """The body's rows, typed and encoded in the workers where they can be; in order."""
         stream = iter(chunks)
         buf = bytearray()
-        first_end = -1
         for chunk in stream:
             buf += chunk
-            first_end = _line_end(buf, 0)
-            if first_end >= 0 or len(buf) > MAX_FIRST_LINE_BYTES:
+            if len(buf) > BLOCK_BYTES:
                 break
+        else:  # the whole body fits in one block: in-process (see the module docstring)
+            yield from parse_rows([bytes(buf)], fmt, encoding)
+            return
+        if fmt == "json":
+            start = buf[:64].lstrip(b" \t\n\r")
+            if encoding in ("utf-8", "auto"):
+                start = start.removeprefix(b"\xef\xbb\xbf")
+            if start[:1] != b"[":  # null, an error object, ...: in-process says what it is
+                yield from parse_rows(chain([bytes(buf)], stream), fmt, encoding)
+                return
+            sentinel = (_JSON_SENTINEL + "]").encode("ascii")
+            yield from self._blocks(stream, buf, b"[", 0, sentinel, fmt, encoding, header)
+            return
+        first_end = _line_end(buf, 0)
         first = bytes(buf[:first_end]) if 0 <= first_end <= MAX_FIRST_LINE_BYTES else b""
         layout = self._first_line(first, fmt, encoding) if first else None
         if layout is None:
@@ -280,10 +376,12 @@ class WorkerPool:
         header: bytes,
     ) -> Iterator[Encoded | Row | Rejection]:
         pool = self._pool()
+        cut = _last_element_start if fmt == "json" else _last_line_end
         pending: deque[tuple[Future[_Result], bytes, bool]] = deque()
         limit = self.workers * IN_FLIGHT_PER_WORKER
         ended = False
         sent = 0  # blocks sent so far
+        scanned = 0  # no cut in buf[:scanned] (a long record being buffered)
 
         def submit(block: bytes, last: bool) -> None:
             nonlocal sent
@@ -291,19 +389,24 @@ class WorkerPool:
             task = _Task(prefix, dropped, block, b"" if last else sentinel, fmt, encoding, header)
             try:
                 pending.append((pool.submit(_encode_block, task), block, sent == 0))
-            except BrokenProcessPool as exc:
-                raise self._broken() from exc
+            except (BrokenProcessPool, RuntimeError) as exc:  # RuntimeError: shut down
+                raise self._broken(pool) from exc
             sent += 1
 
         try:
             while pending or not ended:
                 # Step 1: cut and send blocks while the queue has room.
                 while not ended and len(pending) < limit:
-                    end = _last_line_end(buf, 0) if len(buf) > BLOCK_BYTES else -1
+                    end = cut(buf, scanned) if len(buf) > BLOCK_BYTES else -1
                     if end > 0:
                         submit(bytes(buf[:end]), last=False)
                         del buf[:end]
+                        scanned = 0
                         continue
+                    if len(buf) > BLOCK_BYTES:
+                        # None up to here: search only what comes next (a boundary may
+                        # straddle the next chunk, hence the margin).
+                        scanned = max(0, len(buf) - 64)
                     if len(buf) > MAX_PENDING_BYTES:
                         break  # a line longer than this: the rest goes in-process
                     chunk = next(stream, None)
@@ -318,7 +421,7 @@ class WorkerPool:
                     break
                 # Step 2: the oldest block's results, in feed order.
                 future, block, is_first = pending[0]
-                result = self._result(future)
+                result = self._result(pool, future)
                 pending.popleft()
                 if result is None:
                     # Not cut between records: this block and the rest, in-process.
@@ -330,36 +433,39 @@ class WorkerPool:
                     if is_first:
                         yield from parse_rows(parts, fmt, encoding)
                     else:
-                        yield from islice(
-                            parse_rows(chain([first], parts), fmt, encoding), drop, None
-                        )
+                        rows = _rows_of(chain([first], parts), fmt, encoding, continued=True)
+                        yield from islice(rows, drop, None)
                     return
                 items, error = result
                 yield from items
                 if error is not None:
                     raise BadResponseError(error[0], reason=error[1])
-            if buf:
+            if buf and sent == 0:
+                # No cut at all in MAX_PENDING_BYTES: the whole body in-process.
+                yield from parse_rows(chain([bytes(buf)], stream), fmt, encoding)
+            elif buf:
                 # A line too long to cut at: the rest of the body in-process.
                 parts = chain([first, bytes(buf)], stream)
-                yield from islice(parse_rows(parts, fmt, encoding), drop, None)
+                rows = _rows_of(parts, fmt, encoding, continued=True)
+                yield from islice(rows, drop, None)
         finally:
             for f, _, _ in pending:
                 f.cancel()
 
-    def _result(self, future: Future[_Result]) -> _Result:
+    def _result(self, pool: ProcessPoolExecutor, future: Future[_Result]) -> _Result:
         try:
             return future.result(timeout=BLOCK_TIMEOUT_S)
         except FutureTimeoutError as exc:
-            self.close()
+            self.close(pool)
             raise WorkerError(
                 f"a worker process did not answer within {BLOCK_TIMEOUT_S:.0f} s; the "
                 "workers are restarted and the poll is retried from the committed cursor"
             ) from exc
-        except BrokenProcessPool as exc:
-            raise self._broken() from exc
+        except (BrokenProcessPool, CancelledError) as exc:  # cancelled: closed meanwhile
+            raise self._broken(pool) from exc
 
-    def _broken(self) -> WorkerError:
-        self.close()
+    def _broken(self, pool: ProcessPoolExecutor) -> WorkerError:
+        self.close(pool)
         return WorkerError(
             "a worker process died (killed, or out of memory?); the workers are restarted "
             "and the poll is retried from the committed cursor"

@@ -31,7 +31,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
@@ -54,12 +54,9 @@ from streamer.limits import ACCEPT_ENCODING, BodyLimits, decode_content
 from streamer.records import FIELDS, Rejection, Row
 from streamer.redact import excerpt
 from streamer.retry import Backoff, retry_after_s
-from streamer.workers import Encoded
+from streamer.workers import BodyParser, Encoded
 
 log = logging.getLogger(__name__)
-
-# Chunks, format, encoding -> rows: `formats.parse_rows`, or a `workers.WorkerPool`'s.
-BodyParser = Callable[[Iterable[bytes], str, str], Iterator[Row | Rejection | Encoded]]
 
 # A body this short that talks about the login is the provider saying "no" with status 200.
 _AUTH_TEXT = re.compile(

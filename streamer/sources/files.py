@@ -85,6 +85,7 @@ from streamer.records import Rejection
 from streamer.sink import EventSink
 from streamer.sources.base import FileServer, FileSession, RemoteFile
 from streamer.sources.compression import MAX_DECOMPRESSED_BYTES, compression_of, decompressed
+from streamer.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,7 @@ class FileCollector:
         abort_on_stop: bool = False,
         clock: Callable[[], float] = time.monotonic,
         max_file_bytes: int = DEFAULT_MAX_BYTES,
+        pool: WorkerPool | None = None,
     ) -> None:
         if exactly_once and not isinstance(cursor_store, JsonKafkaCursorStore):
             raise TypeError("exactly-once needs the cursor in Kafka")
@@ -329,6 +331,7 @@ class FileCollector:
         self.abort_on_stop = abort_on_stop
         self.tracker = SettleTracker(settle_s, clock)
         self.max_file_bytes = max_file_bytes
+        self.pool = pool  # the process's workers (streamer/workers.py); None: in-process
         self._committed: FileCursor | None = None
 
     def close(self) -> None:
@@ -473,7 +476,8 @@ class FileCollector:
                     where=f.name, setting="max_file_bytes",
                 )  # fmt: skip
                 content = decompressed(data, f.name, max_bytes=self.max_decompressed_bytes)
-                rows = parse_rows(content, fmt, self.encoding)
+                parse = self.pool.parser(fmt, self.sink.rows) if self.pool else None
+                rows = (parse or parse_rows)(content, fmt, self.encoding)
                 # Rows confirmed before a restart are not handed on again.
                 drive.run(itertools.islice(rows, start, None))
             except FileNotFoundError:

@@ -149,6 +149,7 @@ def write_config(
     topic: str,
     feeds: list[dict[str, Any]],
     sftp: list[dict[str, Any]] | None = None,
+    processing: dict[str, Any] | None = None,
     **kafka: Any,
 ) -> Path:
     """A streamer configuration file (TOML) for one test; `sftp`: its [[sftp]] tables."""
@@ -164,6 +165,9 @@ def write_config(
     kafka.setdefault("transactional_id_prefix", f"test-{uuid4().hex[:8]}")
     lines += [f"{k} = {json.dumps(v)}" for k, v in kafka.items()]
     lines += ["[metrics]", "port = 0"]
+    if processing:
+        lines.append("[processing]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in processing.items()]
     for feed in feeds:
         lines.append("[[feeds]]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in feed.items()]

@@ -132,9 +132,10 @@ def test_kill_9_at_random_instants_loses_nothing(
 ) -> None:
     sim = simulator(backlog=CRASH_CDRS, seed=3)
     cursor_topic = f"{topic_name}-cursors"
+    # Parsed in 2 worker processes (streamer/workers.py): the kills hit them mid-block too.
     config = streamer_config(
         [feed(sim, tmp_path)], delivery=delivery, cursor_topic=cursor_topic,
-        checkpoint_every=CHECKPOINT_EVERY,
+        checkpoint_every=CHECKPOINT_EVERY, processing={"workers": 2},
     )  # fmt: skip
 
     def committed() -> int:
@@ -147,12 +148,16 @@ def test_kill_9_at_random_instants_loses_nothing(
     cursors_at_kill = []
     for i in range(CRASHES):
         proc = StreamerProcess(config, tmp_path / f"run-{i}.log")
-        # A random instant: the process must still be running when it comes.
+        # A random instant once the feed is set up (on a loaded machine the start alone
+        # can take longer than the longest wait): the process must still be running then.
+        proc.wait_for(lambda: "feed main: polling" in proc.log(), "the feed to start")
         with pytest.raises(subprocess.TimeoutExpired):
             proc.proc.wait(rng.uniform(0.8, 2.5))
         proc.kill()
         cursors_at_kill.append(committed())
     assert cursors_at_kill == sorted(cursors_at_kill)  # the cursor never goes back
+    logs = [(tmp_path / f"run-{i}.log").read_text() for i in range(CRASHES)]
+    assert any("starting 2 worker processes" in log for log in logs)  # (not in a killed start)
 
     finish = run_streamer("run", "--config", str(config), "--once", timeout_s=600)
     assert finish.returncode == 0, finish.stderr

@@ -380,13 +380,14 @@ FTP_CRASH_ROWS = 20_000
 
 
 @pytest.mark.parametrize(
-    ("delivery", "protocol", "compress"),
-    [("at_least_once", "ftp", "none"), ("exactly_once", "ftps", "gz")],
+    ("delivery", "protocol", "compress", "workers"),
+    [("at_least_once", "ftp", "none", 2), ("exactly_once", "ftps", "gz", 0)],
 )
 def test_kill_9_mid_file_resumes_without_loss(
     delivery: str,
     protocol: str,
     compress: Compress,
+    workers: int,
     ftps: ftpd.Ftpd,
     tmp_path: Path,
     password_file: Path,
@@ -405,10 +406,12 @@ def test_kill_9_mid_file_resumes_without_loss(
         tmp_path / "config.toml", bootstrap=kafka_bootstrap, topic=topic_name, feeds=[],
         sftp=[source(ftps, directory, tmp_path, password_file, protocol=protocol)],
         delivery=delivery, cursor_topic=f"{topic_name}-cursors",
-        checkpoint_every=CHECKPOINT_EVERY,
+        checkpoint_every=CHECKPOINT_EVERY, processing={"workers": workers},
     )  # fmt: skip
     where = (tmp_path, kafka_bootstrap, topic_name, cursor_topic, big.name)
     rows_at_kill = kill_twice_mid_file(config, *where, thresholds=(4_000, 10_000))
+    started = "starting 2 worker processes" in (tmp_path / "run-0.log").read_text()
+    assert started == (workers == 2)
     assert_resumed_without_loss(
         config, *where, rows_at_kill, exactly_once=delivery == "exactly_once",
         rows=FTP_CRASH_ROWS,

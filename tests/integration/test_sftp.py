@@ -265,9 +265,11 @@ def test_malformed_file_is_quarantined_while_the_others_go_on(
     assert "quarantining cdr_20240301_0030.csv" in done.stderr
 
 
-@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+# Parsed in-process, and in 2 worker processes (streamer/workers.py) under exactly-once.
+@pytest.mark.parametrize(("delivery", "workers"), [("at_least_once", 0), ("exactly_once", 2)])
 def test_kill_9_mid_file_resumes_without_loss(
     delivery: str,
+    workers: int,
     ssh: sshd.SshServer,
     tmp_path: Path,
     password_file: Path,
@@ -285,9 +287,12 @@ def test_kill_9_mid_file_resumes_without_loss(
         tmp_path / "config.toml", bootstrap=kafka_bootstrap, topic=topic_name, feeds=[],
         sftp=[source(ssh, directory, tmp_path, password_file)], delivery=delivery,
         cursor_topic=f"{topic_name}-cursors", checkpoint_every=CHECKPOINT_EVERY,
+        processing={"workers": workers},
     )  # fmt: skip
     where = (tmp_path, kafka_bootstrap, topic_name, cursor_topic, big.name)
     rows_at_kill = kill_twice_mid_file(config, *where)
+    started = "starting 2 worker processes" in (tmp_path / "run-0.log").read_text()
+    assert started == (workers == 2)
     assert_resumed_without_loss(
         config, *where, rows_at_kill, exactly_once=delivery == "exactly_once"
     )

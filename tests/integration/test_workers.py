@@ -1,4 +1,5 @@
-"""Worker processes (feed `workers`) against the real broker: a worker killed mid-poll."""
+"""Worker processes (`[processing] workers`) against the real broker: a worker killed
+mid-poll, for the feed and for a file source."""
 
 from __future__ import annotations
 
@@ -42,9 +43,10 @@ def _workers(pid: int) -> list[int]:
     return [w for child in _children(pid) for w in _children(child)]
 
 
-@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+@pytest.mark.parametrize(("delivery", "fmt"), [("at_least_once", "csv"), ("exactly_once", "json")])
 def test_a_worker_killed_mid_poll_fails_the_poll_and_loses_nothing(
     delivery: str,
+    fmt: str,
     tmp_path: Path,
     kafka_bootstrap: str,
     topic_name: str,
@@ -56,12 +58,13 @@ def test_a_worker_killed_mid_poll_fails_the_poll_and_loses_nothing(
     feed = {
         "name": "main", "url": sim.url, "login": "81234567", "poll_interval_s": 1,
         "cursor_file": str(cursor_file), "backoff_base_s": 0.2, "backoff_max_s": 1,
-        "ids_ascending": True, "workers": 2,
+        "ids_ascending": True, "format": fmt,
     }  # fmt: skip
     cursor_topic = f"{topic_name}-cursors"
     config = streamer_config(
-        [feed], checkpoint_every=CHECKPOINT_EVERY, delivery=delivery, cursor_topic=cursor_topic
-    )
+        [feed], checkpoint_every=CHECKPOINT_EVERY, delivery=delivery, cursor_topic=cursor_topic,
+        processing={"workers": 2},
+    )  # fmt: skip
 
     def committed() -> int | None:
         if delivery == "exactly_once":
@@ -79,10 +82,8 @@ def test_a_worker_killed_mid_poll_fails_the_poll_and_loses_nothing(
         assert match is not None
         stayed = int(match.group(1))
         assert stayed < CDRS  # it failed mid-poll, not after
-        # The next poll finishes the feed (in-process: after a failed poll, the rows'
-        # dates are tracked for a catch-up, which the workers do not report).
+        # The next poll, through a new pool of workers, finishes the feed.
         proc.wait_for(lambda: committed() == CDRS, "the cursor to reach the end")
-        # Then, the poll after a good one goes to a new pool of workers.
         sim.add(MORE)
         proc.wait_for(lambda: committed() == CDRS + MORE, "the new CDRs")
         assert len(_workers(proc.proc.pid)) == 2
@@ -129,12 +130,12 @@ def test_a_killed_streamer_leaves_no_worker_behind(
     sim = simulator(backlog=CDRS, seed=6)
     feed = {"name": "main", "url": sim.url, "login": "81234567", "poll_interval_s": 1,
             "cursor_file": str(tmp_path / "cursor.json")}  # fmt: skip
-    feed["workers"] = 2
-    config = streamer_config([feed])
+    config = streamer_config([feed], processing={"workers": 2})
     proc = StreamerProcess(config, tmp_path / "run.log")
     try:
         proc.wait_for(lambda: len(_workers(proc.proc.pid)) == 2, "two worker processes")
         helpers = _children(proc.proc.pid) + _workers(proc.proc.pid)  # + the forkserver
+        assert "starting 2 worker processes" in proc.log()
     finally:
         proc.kill()
     deadline = time.monotonic() + 30

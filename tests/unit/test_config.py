@@ -259,3 +259,26 @@ def test_reconciliation_is_on_by_default_and_its_settings_are_checked() -> None:
         "reconcile_clock: must be 'wall' or 'feed'", "reconcile: must be true or false",
     ):  # fmt: skip
         assert problem in message
+
+
+def test_processing_workers_auto_a_number_or_a_clear_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = settings_of({**FEED, "password": "pw"})
+    assert parse_settings(base, env={}).processing.workers == "auto"
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert parse_settings(base, env={}).processing.worker_count == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0}, raising=False)
+    assert parse_settings(base, env={}).processing.worker_count == 0  # one core: in-process
+    for value, count in ((0, 0), (3, 3), ("auto", 0)):
+        data = {**base, "processing": {"workers": value}}
+        assert parse_settings(data, env={}).processing.worker_count == count
+    env = {"CDR_STREAMER_PROCESSING_WORKERS": "4"}
+    assert parse_settings(base, env=env).processing.worker_count == 4
+    for bad in (-1, 65, 1.5, True, "many"):
+        with pytest.raises(ConfigError, match=r'processing\.workers: must be "auto" or a whole'):
+            parse_settings({**base, "processing": {"workers": bad}}, env={})
+    with pytest.raises(ConfigError, match=r"processing\.threads: unknown setting"):
+        parse_settings({**base, "processing": {"threads": 2}}, env={})
+    with pytest.raises(ConfigError, match=r"feeds\[0\]\.workers: moved to \[processing\]"):
+        parse_settings(settings_of({**FEED, "password": "pw", "workers": 2}), env={})

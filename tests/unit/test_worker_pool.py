@@ -146,9 +146,101 @@ def test_quoted_line_ends_and_unclosed_quotes_match(pool: WorkerPool, small_bloc
     assert got == expected
 
 
-def test_json_stays_in_process(pool: WorkerPool) -> None:
+def test_a_body_of_one_block_stays_in_process_and_starts_no_worker() -> None:
+    body = "".join(_line(cells, ",") for cells in _rows(20)).encode()
+    assert len(body) < workers.BLOCK_BYTES
+    fresh = WorkerPool(2)
+    try:
+        assert _by_workers(fresh, body, "csv") == (_reference(body, "csv"), 0)
+        assert fresh.pids() == []  # an idle streamer, or one of small polls, forks nothing
+    finally:
+        fresh.close()
+
+
+def _element(cells: list[str], separators: tuple[str, str] = (", ", ": ")) -> str:
+    return json.dumps(dict(zip(FIELDS, cells, strict=True)), separators=separators)
+
+
+def test_a_short_json_body_stays_in_process(pool: WorkerPool) -> None:
     body = b'[{"ID": "1"}, 7]'
     assert _by_workers(pool, body, "json") == (_reference(body, "json"), 0)
+
+
+@pytest.mark.parametrize("separator", [",", ", ", ",\n", "\r\n,\r\n"])
+def test_a_json_body_goes_to_the_workers_and_matches(
+    pool: WorkerPool, small_blocks: None, separator: str
+) -> None:
+    elements = [_element(cells) for cells in _rows(200)]
+    elements[40] = elements[40][:-30]  # broken: one rejection, reading resumes after it
+    elements[90] = elements[90].replace('"Ok"', '"O},{k"')  # a boundary inside a string
+    elements[120] = '{"ID": "121", "X": [{"a": 1}, {"b": 2}]}'  # objects nested in a field
+    elements[150] = "7"  # not an object
+    body = ("[" + separator.join(elements) + "]\n").encode()
+    expected = _reference(body, "json")
+    got, encoded = _by_workers(pool, body, "json")
+    assert got == expected
+    # Blocks of 300 bytes hold one element each here, so the broken element 40 ends its
+    # block, which sends the rest of the body in-process: the 40 before it were the workers'.
+    assert encoded >= 40
+    assert {r.reason for r in expected if isinstance(r, Rejection)} >= {"bad_json_element"}
+
+
+# Pieces of a JSON body, clean and broken, each as the in-process path must take them.
+_good_elements = [_element(cells) for cells in _rows(6)]
+_JSON_FRAGMENTS = [
+    *_good_elements,
+    _element(_rows(1)[0], (",", ":")),
+    _good_elements[0].replace('"Ok"', '"O},{k"'),
+    _good_elements[1].replace('"Ok"', '"O}, {\\"k"'),
+    '{"ID": "9", "X": [{"a": 1}, {"b": 2}]}',
+    '{"ID": "8", "X": [[{"a": 1}, {"b": 2}]]}',
+    _good_elements[2][:-20],
+    '{"error": "no"}',
+    "7",
+    "null",
+    '{"ID": 12.50, "Status": true}',
+    _good_elements[3].replace("Mobile", "Mob\udcffile"),
+]
+_JSON_SEPARATORS = [",", ", ", ",\n", "\n,", " , ", ",,", "", " junk ,"]
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    parts=st.lists(
+        st.tuples(st.sampled_from(_JSON_FRAGMENTS), st.sampled_from(_JSON_SEPARATORS)),
+        min_size=1, max_size=60,
+    ),
+    end=st.sampled_from(["]", "]\n", ",]", "", "] x", "]]"]),
+    block=st.integers(50, 2000),
+    chunk=st.integers(1, 500),
+    encoding=st.sampled_from(["utf-8", "auto", "latin-1"]),
+)  # fmt: skip
+def test_any_json_body_matches(
+    pool: WorkerPool,
+    monkeypatch: pytest.MonkeyPatch,
+    parts: list[tuple[str, str]],
+    end: str,
+    block: int,
+    chunk: int,
+    encoding: str,
+) -> None:
+    monkeypatch.setattr(workers, "BLOCK_BYTES", block)
+    text = "[" + "".join(e + sep for e, sep in parts[:-1]) + parts[-1][0] + end
+    body = text.encode("utf-8", "surrogateescape")
+    got, _ = _by_workers(pool, body, "json", encoding, chunk)
+    assert _stable(got) == _stable(_reference(body, "json", encoding))
+
+
+def _stable(out: list[Any]) -> list[Any]:
+    """`out` with a failing body's message cut before its excerpt: an excerpt that shows
+    text before the problem ("a comma before the closing ]") shows what the parser still
+    holds, which depends on the chunks in-process too, and on the block in a worker."""
+    if out and isinstance(out[-1], tuple) and out[-1][0] == "error":
+        _, reason, message = out[-1]
+        return [*out[:-1], ("error", reason, message.split(", ", 1)[0])]
+    return out
 
 
 # Lines a body is made of, clean and broken, each as the in-process path must take them.
