@@ -150,7 +150,7 @@ def test_kill_9_at_random_instants_loses_nothing(
         proc = StreamerProcess(config, tmp_path / f"run-{i}.log")
         # A random instant once the feed is set up (on a loaded machine the start alone
         # can take longer than the longest wait): the process must still be running then.
-        proc.wait_for(lambda: "feed main: polling" in proc.log(), "the feed to start")
+        proc.wait_for(lambda p=proc: "feed main: polling" in p.log(), "the feed to start")
         with pytest.raises(subprocess.TimeoutExpired):
             proc.proc.wait(rng.uniform(0.8, 2.5))
         proc.kill()
