@@ -381,7 +381,7 @@ FTP_CRASH_ROWS = 20_000
 
 @pytest.mark.parametrize(
     ("delivery", "protocol", "compress", "workers"),
-    [("at_least_once", "ftp", "none", 2), ("exactly_once", "ftps", "gz", 0)],
+    [("at_least_once", "ftp", "none", 0), ("exactly_once", "ftps", "gz", 0)],
 )
 def test_kill_9_mid_file_resumes_without_loss(
     delivery: str,

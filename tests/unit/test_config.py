@@ -265,11 +265,12 @@ def test_processing_workers_auto_a_number_or_a_clear_refusal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     base = settings_of({**FEED, "password": "pw"})
-    assert parse_settings(base, env={}).processing.workers == "auto"
+    assert parse_settings(base, env={}).processing.workers == 0
+    auto = {**base, "processing": {"workers": "auto"}}
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1}, raising=False)
-    assert parse_settings(base, env={}).processing.worker_count == 2
+    assert parse_settings(auto, env={}).processing.worker_count == 2
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0}, raising=False)
-    assert parse_settings(base, env={}).processing.worker_count == 0  # one core: in-process
+    assert parse_settings(auto, env={}).processing.worker_count == 0  # one core: in-process
     for value, count in ((0, 0), (3, 3), ("auto", 0)):
         data = {**base, "processing": {"workers": value}}
         assert parse_settings(data, env={}).processing.worker_count == count
