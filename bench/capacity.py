@@ -108,7 +108,9 @@ def _free_port() -> int:
         return port
 
 
-def _config(path: Path, bootstrap: str, url: str, feeds: int, port: int, interval_s: float) -> Path:
+def _config(
+    path: Path, bootstrap: str, url: str, feeds: int, port: int, interval_s: float
+) -> Path:
     topic = f"cdr-capacity-{uuid.uuid4().hex[:8]}"
     lines = [
         "[kafka]",
@@ -240,7 +242,9 @@ def render(results: Sequence[Measurement]) -> str:
                 else "-"
             )
             per_cdr = f"{m.cpu_us_per_cdr:.0f}" if m.cpu_us_per_cdr is not None else "-"
-            polls = f"{m.polls_per_s:.1f} ({m.expected_polls_per_s:.1f})" if m.counts_polls else "-"
+            polls = (
+                f"{m.polls_per_s:.1f} ({m.expected_polls_per_s:.1f})" if m.counts_polls else "-"
+            )
             per_poll = f"{m.cpu_ms_per_poll:.1f}" if m.counts_polls else "-"
             ramp = f"{m.ramp_s:.0f}" if m.ramped == m.feeds else f"> {m.ramp_s:.0f} ({m.ramped})"
             lines.append(
@@ -252,7 +256,7 @@ def render(results: Sequence[Measurement]) -> str:
     lines += [
         "",
         "ramp s: from the process's start until every feed finished its first poll; "
-        f'"> {RAMP_TIMEOUT_S:g} (K)": only K feeds had by then (measured anyway). RSS '
+        f"\"> {RAMP_TIMEOUT_S:g} (K)\": only K feeds had by then (measured anyway). RSS "
         "KiB/feed: the growth over the smallest count, per added feed.",
     ]
     return "\n".join(lines) + "\n"

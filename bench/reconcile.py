@@ -256,7 +256,9 @@ def run() -> str:
         "",
         f"`PublishedRecord.add`, the record's whole cost per CDR on the hot path, over "
         f"{len(records):,} typed CDRs: **{_us(statistics.median(adds), len(records))} µs per "
-        f"CDR** (median of {RUNS} runs: " + ", ".join(f"{s * 1000:.1f}" for s in adds) + " ms).",
+        f"CDR** (median of {RUNS} runs: "
+        + ", ".join(f"{s * 1000:.1f}" for s in adds)
+        + " ms).",
         "",
         f"The drive loop over the same {DRIVE_ROWS:,} rows (typing, admit, Avro encoding, a "
         "producer that drops the messages, checkpoints), CPU time of this process, "
@@ -265,13 +267,12 @@ def run() -> str:
         "| reconciliation | µs per CDR | runs (s) |",
         "|---|---:|---|",
         f"| off (the loop as before) | {_us(off, DRIVE_ROWS)} | "
-        + ", ".join(f"{s:.3f}" for s in offs)
-        + " |",
+        + ", ".join(f"{s:.3f}" for s in offs) + " |",
         f"| on (each CDR noted in its hour) | {_us(on, DRIVE_ROWS)} | "
-        + ", ".join(f"{s:.3f}" for s in ons)
-        + " |",
+        + ", ".join(f"{s:.3f}" for s in ons) + " |",
         "",
         f"Difference of the medians: {_us(on - off, DRIVE_ROWS)} µs per CDR "
         f"({(on - off) / off * 100:+.1f} % of the loop).",
     ]
     return "\n".join(lines)
+

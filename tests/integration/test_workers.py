@@ -7,13 +7,12 @@ import json
 import os
 import re
 import signal
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import StreamerProcess, read_cursor, read_cursor_topic, read_events
+from helpers import StreamerProcess, read_cursor, read_cursor_topic, read_events, wait_until
 
 from streamer.simulator import BillingFeedSimulator
 
@@ -138,10 +137,11 @@ def test_a_killed_streamer_leaves_no_worker_behind(
         assert "starting 2 worker processes" in proc.log()
     finally:
         proc.kill()
-    deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in helpers):
-        assert time.monotonic() < deadline, f"still running: {[p for p in helpers if _alive(p)]}"
-        time.sleep(0.1)  # the polling interval of the condition above
+    wait_until(
+        lambda: not any(_alive(pid) for pid in helpers),
+        f"the workers and their forkserver ({helpers}) to exit",
+        timeout_s=30,
+    )
 
 
 def _read_dlq(bootstrap: str, topic: str) -> list[object]:
