@@ -581,7 +581,7 @@ class _TooLongError(Exception):
 class _JsonText:
     """The decoded JSON body: `buf[pos:]` is the text not yet consumed, about one element."""
 
-    __slots__ = ("_chunks", "_decode", "buf", "eof", "pos")
+    __slots__ = ("_broken", "_chunks", "_decode", "buf", "dropped", "eof", "pos")
 
     def __init__(self, chunks: Iterable[bytes], encoding: str) -> None:
         self._chunks = iter(chunks)
@@ -589,7 +589,11 @@ class _JsonText:
         self._decode = decoder(errors="surrogateescape").decode
         self.buf = ""
         self.pos = 0
+        self.dropped = 0  # characters of the body before buf[0]
         self.eof = False
+        # The chunks' error (the body broke off), held until the text before it is used:
+        # which elements come out before a break must not depend on the chunks' sizes.
+        self._broken: Exception | None = None
 
     def pull(self, at_least: int = 1) -> bool:
         """Append `at_least` more characters (fewer at the end), dropping `buf[:pos]`.
@@ -605,7 +609,15 @@ class _JsonText:
         parts = [self.buf[self.pos :]]
         added = 0
         while added < at_least and not self.eof:
-            chunk = next(self._chunks, None)
+            if self._broken is not None:
+                if added:
+                    break  # the text before the break first; the error at the next read
+                raise self._broken
+            try:
+                chunk = next(self._chunks, None)
+            except Exception as exc:
+                self._broken = exc
+                continue
             if chunk is None:
                 self.eof = True
                 text = self._decode(b"", True)
@@ -616,6 +628,7 @@ class _JsonText:
         if not added:
             return False
         self.buf = "".join(parts)
+        self.dropped += self.pos
         self.pos = 0
         return True
 
@@ -632,20 +645,26 @@ class _JsonText:
             if not self.pull():
                 return None
 
-    def excerpt(self, before: int = 0) -> str:
-        """The text from `before` characters ahead of `pos`, for a message.
+    def excerpt(self, before: int = 0, at: int | None = None) -> str:
+        """The text from `at` in `buf` (or `before` characters ahead of `pos`), for a message.
 
-        Enough of the body is read for a whole excerpt first, so that a message never
+        Enough of the body is read for a whole excerpt first, and the `...` before it
+        says whether the body has text before it (not `buf`), so that a message never
         depends on where the chunks happened to end.
         """
-        while len(self.buf) - self.pos <= _EXCERPT_CHARS and not self.eof:
-            chunk = next(self._chunks, None)
+        start = max(0, self.pos - before) if at is None else at
+        while len(self.buf) - start <= _EXCERPT_CHARS and not self.eof and self._broken is None:
+            try:
+                chunk = next(self._chunks, None)
+            except Exception as exc:  # raised at the next read, after this message's error
+                self._broken = exc
+                break
             if chunk is None:
                 self.eof = True
                 self.buf += self._decode(b"", True)
             else:
                 self.buf += self._decode(chunk)
-        return _excerpt(self.buf, max(0, self.pos - before))
+        return excerpt(self.buf, start, _EXCERPT_CHARS, cut_before=self.dropped + start > 0)
 
     def skip(self) -> tuple[str, int] | None:
         """Skip from `pos` to the next element boundary (`_JSON_BOUNDARY`), holding little.
@@ -841,7 +860,7 @@ def _parse_json(
         if char is None:
             raise BadResponseError(
                 f"truncated response: the JSON array is not closed, the body ends with "
-                f"{_excerpt(text.buf, max(0, len(text.buf) - _EXCERPT_CHARS))}",
+                f"{text.excerpt(at=max(0, len(text.buf) - _EXCERPT_CHARS))}",
                 reason="truncated",
             )
         try:
@@ -854,7 +873,7 @@ def _parse_json(
                 if not _cut_short(exc, text.buf):
                     # A broken element is one rejection; reading resumes after it.
                     failure = BadResponseError(
-                        f"bad JSON: {exc.msg} at {_excerpt(text.buf, max(text.pos, exc.pos - 40))}",
+                        f"bad JSON: {exc.msg} at {text.excerpt(at=max(text.pos, exc.pos - 40))}",
                         reason="bad_json",
                     )
                     detail = f"{exc.msg} at character {exc.pos - text.pos} of the element"

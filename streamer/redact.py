@@ -123,13 +123,17 @@ def redact(text: str) -> str:
     return _KEYED.sub(r"\1" + MASK, text)
 
 
-def excerpt(text: str, start: int = 0, limit: int = EXCERPT_CHARS) -> str:
+def excerpt(
+    text: str, start: int = 0, limit: int = EXCERPT_CHARS, *, cut_before: bool | None = None
+) -> str:
     """Up to `limit` characters of `text` from `start`, quoted, with `...` where it was cut.
 
-    The marks let `redact` find a secret the cut left only part of.
+    `cut_before`: whether to mark a cut before it (when `text` is itself part of more);
+    by default, when `start` is past the beginning. The marks let `redact` find a secret
+    the cut left only part of.
     """
     shown = text[start : start + limit]
-    before = CUT if start > 0 else ""
+    before = CUT if (start > 0 if cut_before is None else cut_before) else ""
     after = CUT if len(text) > start + limit else ""
     return f"{before}{shown!r}{after}"
 

@@ -46,9 +46,10 @@ A first line that is blank, too long or unreadable, a line (JSON element) longer
 path. The pool starts with the ``forkserver`` method: librdkafka's threads are never
 forked. A worker that dies or does not answer within `BLOCK_TIMEOUT_S` fails the poll
 (`WorkerError`, retriable: the cursor stays where it is) and the pool is rebuilt on
-the next poll that uses it. Mid-body connection errors come after the rows of the
-blocks already handled, without those still in the workers: fewer rows are kept
-before the break than in-process, never a row that was not confirmed.
+the next poll that uses it. A body that breaks off (a connection error from the
+chunks) gives the rows the in-process parser would have given before the break: the
+blocks already sent are still handled by the workers, then what is left after them
+goes through the in-process parser, which meets the same error at the same place.
 """
 
 from __future__ import annotations
@@ -199,6 +200,12 @@ def _exit_with(pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-streamer", daemon=True).start()
 
 
+def _raising(exc: Exception) -> Iterator[bytes]:
+    """Chunks that break off at once with `exc`: a broken body's end, for the parser."""
+    raise exc
+    yield b""  # a generator: the error comes where the parser asks for the next chunk
+
+
 def _sentinel(fmt: str, width: int) -> bytes:
     """A row of `width` cells ``1`` (ID 1 wherever the ID is): clean, unquoted, one line."""
     return (FORMATS[fmt].join(["1"] * width) + "\n").encode("ascii")
@@ -309,12 +316,17 @@ class WorkerPool:
         """The body's rows, typed and encoded in the workers where they can be; in order."""
         stream = iter(chunks)
         buf = bytearray()
-        for chunk in stream:
-            buf += chunk
-            if len(buf) > BLOCK_BYTES:
-                break
-        else:  # the whole body fits in one block: in-process (see the module docstring)
-            yield from parse_rows([bytes(buf)], fmt, encoding)
+        whole = True  # the whole body fits in one block: in-process (module docstring)
+        try:
+            for chunk in stream:
+                buf += chunk
+                if len(buf) > BLOCK_BYTES:
+                    whole = False
+                    break
+        except Exception as exc:  # the body broke off: its rows so far, as in-process
+            stream, whole = _raising(exc), True
+        if whole:
+            yield from parse_rows(chain([bytes(buf)], stream), fmt, encoding)
             return
         if fmt == "json":
             start = buf[:64].lstrip(b" \t\n\r")
@@ -380,6 +392,7 @@ class WorkerPool:
         pending: deque[tuple[Future[_Result], bytes, bool]] = deque()
         limit = self.workers * IN_FLIGHT_PER_WORKER
         ended = False
+        broken = False  # the body broke off (`stream` now raises its error)
         sent = 0  # blocks sent so far
         scanned = 0  # no cut in buf[:scanned] (a long record being buffered)
 
@@ -409,7 +422,13 @@ class WorkerPool:
                         scanned = max(0, len(buf) - 64)
                     if len(buf) > MAX_PENDING_BYTES:
                         break  # a line longer than this: the rest goes in-process
-                    chunk = next(stream, None)
+                    try:
+                        chunk = next(stream, None)
+                    except Exception as exc:
+                        # The body broke off: the blocks sent are still handled (below),
+                        # then what is left of the body goes in-process up to the break.
+                        stream, broken, ended = _raising(exc), True, True
+                        break
                     if chunk is None:
                         ended = True
                         if buf or sent == 0:
@@ -440,10 +459,10 @@ class WorkerPool:
                 yield from items
                 if error is not None:
                     raise BadResponseError(error[0], reason=error[1])
-            if buf and sent == 0:
+            if (buf or broken) and sent == 0:
                 # No cut at all in MAX_PENDING_BYTES: the whole body in-process.
                 yield from parse_rows(chain([bytes(buf)], stream), fmt, encoding)
-            elif buf:
+            elif buf or broken:
                 # A line too long to cut at: the rest of the body in-process.
                 parts = chain([first, bytes(buf)], stream)
                 rows = _rows_of(parts, fmt, encoding, continued=True)

@@ -53,29 +53,46 @@ def _rows(n: int, start: int = 1) -> list[list[str]]:
     return rows
 
 
-def _chunks(body: bytes, size: int) -> Iterator[bytes]:
-    for i in range(0, len(body), size):
-        yield body[i : i + size]
+class _BrokeOff(Exception):
+    """The connection broke mid-body (what httpx's read errors are to the parser)."""
 
 
-def _reference(body: bytes, fmt: str, encoding: str = "utf-8") -> list[Any]:
+def _chunks(body: bytes, size: int, broken_at: int | None = None) -> Iterator[bytes]:
+    """`body` in chunks of `size`; `broken_at`: only that many bytes, then _BrokeOff."""
+    end = len(body) if broken_at is None else broken_at
+    for i in range(0, end, size):
+        yield body[i : min(i + size, end)]
+    if broken_at is not None:
+        raise _BrokeOff(f"broke off after {broken_at} bytes")
+
+
+def _reference(
+    body: bytes, fmt: str, encoding: str = "utf-8", broken_at: int | None = None
+) -> list[Any]:
     """In-process: parse_rows, then RowEncoder.encode (what Drive does), and the error."""
     out: list[Any] = []
     try:
-        for r in parse_rows(_chunks(body, 4096), fmt, encoding):
+        for r in parse_rows(_chunks(body, 4096, broken_at), fmt, encoding):
             out.append((ENCODER.encode(r), r.raw) if isinstance(r, Row) else r)
     except BadResponseError as exc:
         out.append(("error", exc.reason, str(exc)))
+    except _BrokeOff as exc:
+        out.append(("broke off", str(exc)))
     return out
 
 
 def _by_workers(
-    pool: WorkerPool, body: bytes, fmt: str, encoding: str = "utf-8", chunk: int = 97
+    pool: WorkerPool,
+    body: bytes,
+    fmt: str,
+    encoding: str = "utf-8",
+    chunk: int = 97,
+    broken_at: int | None = None,
 ) -> tuple[list[Any], int]:
     out: list[Any] = []
     encoded = 0
     try:
-        for r in pool.parse(_chunks(body, chunk), fmt, encoding, ENCODER.header):
+        for r in pool.parse(_chunks(body, chunk, broken_at), fmt, encoding, ENCODER.header):
             if isinstance(r, Encoded):
                 encoded += 1
                 out.append((r.item, r.raw))
@@ -85,6 +102,8 @@ def _by_workers(
                 out.append(r)
     except BadResponseError as exc:
         out.append(("error", exc.reason, str(exc)))
+    except _BrokeOff as exc:
+        out.append(("broke off", str(exc)))
     return out, encoded
 
 
@@ -216,6 +235,7 @@ _JSON_SEPARATORS = [",", ", ", ",\n", "\n,", " , ", ",,", "", " junk ,"]
     block=st.integers(50, 2000),
     chunk=st.integers(1, 500),
     encoding=st.sampled_from(["utf-8", "auto", "latin-1"]),
+    broken=st.none() | st.floats(0.0, 1.0),
 )  # fmt: skip
 def test_any_json_body_matches(
     pool: WorkerPool,
@@ -225,12 +245,14 @@ def test_any_json_body_matches(
     block: int,
     chunk: int,
     encoding: str,
+    broken: float | None,
 ) -> None:
     monkeypatch.setattr(workers, "BLOCK_BYTES", block)
     text = "[" + "".join(e + sep for e, sep in parts[:-1]) + parts[-1][0] + end
     body = text.encode("utf-8", "surrogateescape")
-    got, _ = _by_workers(pool, body, "json", encoding, chunk)
-    assert _stable(got) == _stable(_reference(body, "json", encoding))
+    at = None if broken is None else int(len(body) * broken)  # the connection breaks there
+    got, _ = _by_workers(pool, body, "json", encoding, chunk, at)
+    assert _stable(got) == _stable(_reference(body, "json", encoding, at))
 
 
 def _stable(out: list[Any]) -> list[Any]:
@@ -270,6 +292,7 @@ _FRAGMENTS = [
     block=st.integers(50, 2000),
     chunk=st.integers(1, 500),
     encoding=st.sampled_from(["utf-8", "auto", "latin-1"]),
+    broken=st.none() | st.floats(0.0, 1.0),
 )
 def test_any_body_matches(
     pool: WorkerPool,
@@ -279,12 +302,14 @@ def test_any_body_matches(
     block: int,
     chunk: int,
     encoding: str,
+    broken: float | None,
 ) -> None:
     monkeypatch.setattr(workers, "BLOCK_BYTES", block)
     text = (_line(list(FIELDS), ",") if header else "") + "".join(parts)
     body = text.encode("utf-8", "surrogateescape")
-    got, _ = _by_workers(pool, body, "csv", encoding, chunk)
-    assert got == _reference(body, "csv", encoding)
+    at = None if broken is None else int(len(body) * broken)  # the connection breaks there
+    got, _ = _by_workers(pool, body, "csv", encoding, chunk, at)
+    assert got == _reference(body, "csv", encoding, at)
 
 
 def _big_body(rows: int) -> bytes:
