@@ -53,17 +53,17 @@ def _rows(n: int, start: int = 1) -> list[list[str]]:
     return rows
 
 
-class _BrokeOff(Exception):
+class _BrokeOffError(Exception):
     """The connection broke mid-body (what httpx's read errors are to the parser)."""
 
 
 def _chunks(body: bytes, size: int, broken_at: int | None = None) -> Iterator[bytes]:
-    """`body` in chunks of `size`; `broken_at`: only that many bytes, then _BrokeOff."""
+    """`body` in chunks of `size`; `broken_at`: only that many bytes, then _BrokeOffError."""
     end = len(body) if broken_at is None else broken_at
     for i in range(0, end, size):
         yield body[i : min(i + size, end)]
     if broken_at is not None:
-        raise _BrokeOff(f"broke off after {broken_at} bytes")
+        raise _BrokeOffError(f"broke off after {broken_at} bytes")
 
 
 def _reference(
@@ -76,7 +76,7 @@ def _reference(
             out.append((ENCODER.encode(r), r.raw) if isinstance(r, Row) else r)
     except BadResponseError as exc:
         out.append(("error", exc.reason, str(exc)))
-    except _BrokeOff as exc:
+    except _BrokeOffError as exc:
         out.append(("broke off", str(exc)))
     return out
 
@@ -102,7 +102,7 @@ def _by_workers(
                 out.append(r)
     except BadResponseError as exc:
         out.append(("error", exc.reason, str(exc)))
-    except _BrokeOff as exc:
+    except _BrokeOffError as exc:
         out.append(("broke off", str(exc)))
     return out, encoded
 
