@@ -23,18 +23,6 @@ from typing import Any, cast
 
 import fastavro
 import fastavro.schema
-from confluent_kafka.schema_registry import (
-    Schema,
-    SchemaRegistryClient,
-    SchemaRegistryError,
-    topic_subject_name_strategy,
-)
-from confluent_kafka.schema_registry.avro import AvroSerializer
-
-# The HTTP client confluent-kafka's registry client uses (httpx2, or httpx on old Pythons):
-# its transport errors are what "registry unreachable" looks like.
-from confluent_kafka.schema_registry.common._httpx_compat import httpx as _registry_httpx
-from confluent_kafka.serialization import MessageField, SerializationContext
 from fastavro.write import LOGICAL_WRITERS
 
 from streamer.config import Secret
@@ -268,6 +256,23 @@ class RegistryEncoder:
         schema_path: Path = CDR_SCHEMA_PATH,
         client_config: Mapping[str, Any] | None = None,
     ) -> None:
+        # Imported here, not with the module: the registry client is about 30 MiB of
+        # modules that every worker process (streamer/workers.py), which imports this
+        # module for the schema, would carry for nothing.
+        from confluent_kafka.schema_registry import (
+            Schema,
+            SchemaRegistryClient,
+            SchemaRegistryError,
+            topic_subject_name_strategy,
+        )
+        from confluent_kafka.schema_registry.avro import AvroSerializer
+
+        # The HTTP client confluent-kafka's registry client uses (httpx2, or httpx on old
+        # Pythons): its transport errors are what "registry unreachable" looks like.
+        from confluent_kafka.schema_registry.common._httpx_compat import httpx
+        from confluent_kafka.serialization import MessageField, SerializationContext
+
+        self._registry_error, self._transport_error = SchemaRegistryError, httpx.TransportError
         conf: dict[str, Any] = {"url": url, "timeout": REGISTRY_TIMEOUT_S, **(client_config or {})}
         if user:
             secret = password.reveal() if password is not None else ""
@@ -292,7 +297,7 @@ class RegistryEncoder:
     def encode(self, record: CallRecord) -> bytes:
         try:
             data = self._serializer(record, self._context)
-        except SchemaRegistryError as exc:
+        except self._registry_error as exc:
             status = exc.http_status_code
             message = (
                 f"schema registry {self._where} answered {status} for subject {self.subject}: "
@@ -301,7 +306,7 @@ class RegistryEncoder:
             if status >= 500 or status in (408, 429):
                 raise RegistryUnavailableError(message) from exc
             raise RegistryError(message + _REGISTRY_HINTS.get(status, "")) from exc
-        except _registry_httpx.TransportError as exc:
+        except self._transport_error as exc:
             raise RegistryUnavailableError(
                 f"schema registry {self._where} unreachable: {type(exc).__name__}"
             ) from exc
