@@ -322,11 +322,10 @@ def default_workers() -> int:
 class ProcessingSettings:
     """[processing]: how this process spends its cores (streamer/workers.py)."""
 
-    # Worker processes that parse, type and encode csv/txt/pipe bodies and files of more
-    # than one block, shared by every feed and source; 0: all in the feeds' threads.
-    # "auto": 2 on a machine with 2 or more cores, else 0. Off by default until a
-    # poll broken mid-body keeps as many rows with workers as in-process (issue 14).
-    workers: int | str = 0
+    # Worker processes that parse, type and encode bodies and files of more than one
+    # block, shared by every feed and source; 0: all in the feeds' threads. "auto" (the
+    # default): 2 where this process may use 2 or more cores, else 0.
+    workers: int | str = "auto"
 
     @property
     def worker_count(self) -> int:

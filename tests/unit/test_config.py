@@ -265,7 +265,7 @@ def test_processing_workers_auto_a_number_or_a_clear_refusal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     base = settings_of({**FEED, "password": "pw"})
-    assert parse_settings(base, env={}).processing.workers == 0
+    assert parse_settings(base, env={}).processing.workers == "auto"  # the default
     auto = {**base, "processing": {"workers": "auto"}}
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1}, raising=False)
     assert parse_settings(auto, env={}).processing.worker_count == 2
