@@ -176,9 +176,10 @@ class Drive:
         refused = sink.refused
         published = self.published
         note = published.add if published is not None else None
-        encode, publish = sink.rows.encode, sink.publish
+        encode, publish, admit = sink.rows.encode, sink.publish, position.admit
         tail = sink.header_tail(self.headers)  # precomputed: the same for every event
         stopping = self.stop.is_set if self.stop is not None else None
+        checkpoint_every, progress, monotonic = self.checkpoint_every, self.progress, time.monotonic
         for row in rows:
             if stopping is not None and stopping():
                 raise StoppedError(
@@ -201,7 +202,7 @@ class Drive:
                 and (self.first_day is None or item.day < self.first_day)
             ):
                 self.first_day = item.day
-            skip = position.admit(cdr_id, row.raw)
+            skip = admit(cdr_id, row.raw)
             if skip is not None:
                 tally.skipped[skip] += 1
                 if note is not None and skip in _PUBLISHED_SKIPS and isinstance(item, Event):
@@ -222,12 +223,12 @@ class Drive:
                 tally.dead_lettered += 1
                 if published is not None and item.cdr_id is not None:
                     published.add_id(item.cdr_id)
-            if self.batch.size >= self.checkpoint_every and position.checkpoint_safe():
+            if self.batch.size >= checkpoint_every and position.checkpoint_safe():
                 # Step 5 (mid-stream): the rows so far, confirmed, then the cursor.
                 self.checkpoint()
-            if self.progress is not None and time.monotonic() >= next_progress:
+            if progress is not None and monotonic() >= next_progress:
                 next_progress += PROGRESS_EVERY_S
-                self.progress(tally)
+                progress(tally)
 
     def checkpoint(self, *, broken: bool = False) -> None:
         """Step 5: flush and check every delivery report, then commit the cursor.
@@ -322,6 +323,7 @@ class FeedPosition:
         self.covered = covered
         self._fromid = start.cursor
         self._confirmed_before = IdRanges.of(start.confirmed)
+        self._any_confirmed_before = bool(start.confirmed)  # mostly not: a test per row saved
         self._without_id_before = frozenset(start.without_id)
         self._without_id: list[str] = []  # digests of this response's rows without an ID
         self._seen = IdRanges()  # every ID of this response handled so far
@@ -346,7 +348,7 @@ class FeedPosition:
                 "no more checkpoints until this response ends",
                 self.name, cdr_id, self.high,
             )  # fmt: skip
-        if cdr_id in self._confirmed_before:
+        if self._any_confirmed_before and cdr_id in self._confirmed_before:
             return "confirmed_before"  # a try of this cursor that broke off confirmed it
         if self.covered is not None and cdr_id in self.covered:
             # The paired SFTP source published it: handled, not published again.
