@@ -7,8 +7,9 @@ they are). The main process only splits the streamed body into record-aligned bl
 (`BLOCK_BYTES`, split at a line end) and sends them to the workers, at most
 `IN_FLIGHT_PER_WORKER` blocks per worker at a time, so memory stays flat; ordering,
 dead letters, checkpoints and the cursor stay with the caller (`pipeline.Drive`).
-A body no longer than one block is parsed in-process: for a poll's few rows the round
-trip costs more than it saves, and an idle streamer starts no worker at all.
+A body no longer than `IN_PROCESS_BLOCKS` blocks (1 MiB) is parsed in-process: for a
+poll's few rows the round trip costs more than it saves, and an idle streamer starts no
+worker at all.
 
 One pool serves every feed and file source of the process (`app.run` makes it, from
 `[processing] workers`): it is thread-safe, and the workers start on first use. A
@@ -78,7 +79,10 @@ from streamer.records import FIELDS, Rejection, Row
 
 log = logging.getLogger(__name__)
 
-BLOCK_BYTES = 1 << 20  # a block is cut at the first line end after this many bytes
+BLOCK_BYTES = 256 << 10  # a block is cut at the last line end once this many bytes are in
+# A body of at most this many blocks (1 MiB, some 4,500 CDRs) is parsed in-process: for
+# a poll's few rows the round trip costs more than it saves.
+IN_PROCESS_BLOCKS = 4
 IN_FLIGHT_PER_WORKER = 2  # blocks queued per worker: one parsing, one waiting
 MAX_PENDING_BYTES = 16 << 20  # no line end in this much: the rest goes in-process
 MAX_FIRST_LINE_BYTES = 64 << 10
@@ -346,7 +350,7 @@ class WorkerPool:
         try:
             for chunk in stream:
                 buf += chunk
-                if len(buf) > BLOCK_BYTES:
+                if len(buf) > BLOCK_BYTES * IN_PROCESS_BLOCKS:
                     whole = False
                     break
         except Exception as exc:  # the body broke off: its rows so far, as in-process

@@ -36,6 +36,7 @@ def pool() -> Iterator[WorkerPool]:
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     # Many blocks per body: every cut, the sentinel and the fallback get exercised.
     monkeypatch.setattr(workers, "BLOCK_BYTES", 300)
+    monkeypatch.setattr(workers, "IN_PROCESS_BLOCKS", 1)
 
 
 def _line(cells: list[str], delimiter: str, end: str = "\n") -> str:
@@ -167,7 +168,8 @@ def test_quoted_line_ends_and_unclosed_quotes_match(pool: WorkerPool, small_bloc
 
 def test_a_body_of_one_block_stays_in_process_and_starts_no_worker() -> None:
     body = "".join(_line(cells, ",") for cells in _rows(20)).encode()
-    assert len(body) < workers.BLOCK_BYTES
+    assert workers.BLOCK_BYTES < len(body) * 100 < workers.BLOCK_BYTES * workers.IN_PROCESS_BLOCKS
+    body *= 100  # more than one block, no more than IN_PROCESS_BLOCKS
     fresh = WorkerPool(2)
     try:
         assert _by_workers(fresh, body, "csv") == (_reference(body, "csv"), 0)
@@ -248,6 +250,7 @@ def test_any_json_body_matches(
     broken: float | None,
 ) -> None:
     monkeypatch.setattr(workers, "BLOCK_BYTES", block)
+    monkeypatch.setattr(workers, "IN_PROCESS_BLOCKS", 1)
     text = "[" + "".join(e + sep for e, sep in parts[:-1]) + parts[-1][0] + end
     body = text.encode("utf-8", "surrogateescape")
     at = None if broken is None else int(len(body) * broken)  # the connection breaks there
@@ -305,6 +308,7 @@ def test_any_body_matches(
     broken: float | None,
 ) -> None:
     monkeypatch.setattr(workers, "BLOCK_BYTES", block)
+    monkeypatch.setattr(workers, "IN_PROCESS_BLOCKS", 1)
     text = (_line(list(FIELDS), ",") if header else "") + "".join(parts)
     body = text.encode("utf-8", "surrogateescape")
     at = None if broken is None else int(len(body) * broken)  # the connection breaks there
