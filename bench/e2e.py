@@ -32,8 +32,9 @@ format (csv, json) in turn:
     benchmark, so a before/after comparison does not depend on how loaded the machine was
     on another day.
 
-Worker processes (issue 14, item 2) are a dimension of (b) still to come: `WORKERS` is
-where their counts go, and `_config` writes the setting for each run.
+Worker processes (`[processing] workers`) are a dimension of (b): `WORKERS` holds the
+counts (0 and 2 by default; CDR_BENCH_WORKERS), and `_config` writes the setting for
+each run; the baseline runs with no [processing] section (its own default).
 
 Run alone: `python -m bench e2e`. A quick look: CDR_BENCH_RUNS=1 CDR_BENCH_SIZES=20000
 (sizes comma-separated; the largest is the backlog) CDR_BENCH_FORMATS=csv.
