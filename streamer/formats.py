@@ -613,16 +613,9 @@ class _JsonText:
                 if added:
                     break  # the text before the break first; the error at the next read
                 raise self._broken
-            try:
-                chunk = next(self._chunks, None)
-            except Exception as exc:
-                self._broken = exc
+            text = self._next_text()
+            if text is None:
                 continue
-            if chunk is None:
-                self.eof = True
-                text = self._decode(b"", True)
-            else:
-                text = self._decode(chunk)
             parts.append(text)
             added += len(text)
         if not added:
@@ -631,6 +624,19 @@ class _JsonText:
         self.dropped += self.pos
         self.pos = 0
         return True
+
+    def _next_text(self) -> str | None:
+        """The next chunk's text (`eof` set at the end); None when the chunks broke off,
+        their error held in `_broken` for the next read."""
+        try:
+            chunk = next(self._chunks, None)
+        except Exception as exc:
+            self._broken = exc
+            return None
+        if chunk is None:
+            self.eof = True
+            return self._decode(b"", True)
+        return self._decode(chunk)
 
     def next_char(self) -> str | None:
         """Skip whitespace; the character now at `pos`, or None at the end of the body."""
@@ -654,16 +660,9 @@ class _JsonText:
         """
         start = max(0, self.pos - before) if at is None else at
         while len(self.buf) - start <= _EXCERPT_CHARS and not self.eof and self._broken is None:
-            try:
-                chunk = next(self._chunks, None)
-            except Exception as exc:  # raised at the next read, after this message's error
-                self._broken = exc
-                break
-            if chunk is None:
-                self.eof = True
-                self.buf += self._decode(b"", True)
-            else:
-                self.buf += self._decode(chunk)
+            text = self._next_text()  # a break is raised at the next read, after this message
+            if text is not None:
+                self.buf += text
         return excerpt(self.buf, start, _EXCERPT_CHARS, cut_before=self.dropped + start > 0)
 
     def skip(self) -> tuple[str, int] | None:

@@ -346,7 +346,7 @@ class WorkerPool:
         """The body's rows, typed and encoded in the workers where they can be; in order."""
         stream = iter(chunks)
         buf = bytearray()
-        whole = True  # the whole body fits in one block: in-process (module docstring)
+        whole = True  # the body fits in IN_PROCESS_BLOCKS blocks: in-process (module docstring)
         try:
             for chunk in stream:
                 buf += chunk
