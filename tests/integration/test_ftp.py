@@ -376,7 +376,9 @@ def test_gzipped_files_from_simulate_files(
     assert list(directory.iterdir()) == []
 
 
-FTP_CRASH_ROWS = 20_000
+# Enough rows that the second kill (at 10 000 in the topic, then up to 0.4 s later) still
+# lands mid-file: 20 000 at 1 row per 4 s were sometimes done by then (CI, in-process).
+FTP_CRASH_ROWS = 50_000
 
 
 @pytest.mark.parametrize(
@@ -395,10 +397,10 @@ def test_kill_9_mid_file_resumes_without_loss(
     topic_name: str,
 ) -> None:
     directory = ftps.new_directory()
-    # One daily file of 20 000 rows in ID order (a call every 4 s, no jitter); the SFTP
-    # test reads 50 000: the collector is the same, this one tests the FTP session.
+    # One daily file of 50 000 rows in ID order (a call every 1.5 s, no jitter), as the
+    # SFTP test's: the collector is the same, this one tests the FTP session.
     [big] = write_files(
-        files_config(7, mean_gap_s=4, jitter_s=0), directory, cadence="daily", fmt="csv",
+        files_config(7, mean_gap_s=1.5, jitter_s=0), directory, cadence="daily", fmt="csv",
         upto_id=FTP_CRASH_ROWS, compress=compress,
     )  # fmt: skip
     cursor_topic = f"{topic_name}-cursors" if delivery == "exactly_once" else None
